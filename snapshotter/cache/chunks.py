@@ -1,0 +1,339 @@
+"""The node's chunk cache: verified, content-addressed chunk bytes on local disk.
+
+One `ChunkCache` serves every layer, image and containerd namespace; it knows digests and
+bytes, never blobs or registries. Fetching is the caller's business (`remote/blob.py`), but
+the in-flight table lives here so that readers of one chunk share one fetch even when they
+reach it through different layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from snapshotter.digest import Digest
+from snapshotter.errors import ClosedError, FailedPrecondition, Unavailable, category
+
+__all__ = ["CacheInUse", "CacheStatistics", "ChunkCache"]
+
+log = logging.getLogger(__name__)
+
+_HEX = re.compile(r"^[0-9a-f]+$")
+_ALGORITHMS = ("sha256", "sha512")
+
+
+class CacheInUse(FailedPrecondition):
+    """Another ChunkCache (in this or another process) holds the cache directory."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatistics:
+    entries: int
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    corrupt: int  # files that failed verification on read and were removed
+    in_flight: int  # chunks being fetched right now
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One fetch of one chunk, awaited by every other reader of that digest."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+class ChunkCache:
+    """Size-bounded LRU store of chunks, keyed by the digest of their (uncompressed) bytes.
+
+    Layout: `<root>/<algorithm>/<hex[:2]>/<hex>`, one file per chunk, plus `<root>/tmp/`
+    for writes in progress and `<root>/lock`. Nothing enters the store unverified: `put`
+    hashes the bytes first and raises DataLoss on mismatch. `get` re-hashes what it reads,
+    so a file damaged on disk is removed, counted as `corrupt`, and reported as a miss
+    (the caller refetches). Writes go to a temp file, are fsynced, then renamed into place,
+    so a crash leaves either the whole chunk or nothing.
+
+    LRU order is kept in memory and rebuilt at start from file times (newest use last);
+    a hit bumps the file's times so the order survives restarts. After each store, the
+    least recently used chunks are deleted until the total is within `max_bytes`.
+
+    The sync methods are thread-safe and do disk I/O; from trio, use the async ones,
+    which run the I/O in worker threads so a slow disk cannot stall the FUSE loop.
+    `get_or_fetch` is single-flight per digest within one trio run. One process owns a
+    cache directory at a time (an flock on `<root>/lock`); `close()` releases it.
+
+        cache = ChunkCache(root / "cache", max_bytes=10 << 30)
+        data = await cache.get_or_fetch(digest, fetch, what="chunk sha256:ab.. of layer x")
+    """
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"chunk cache {root}: max_bytes must be >= 0, got {max_bytes}")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[Digest, int] = OrderedDict()
+        self._bytes = 0
+        self._hits = self._misses = self._evictions = self._corrupt = 0
+        self._flights: dict[Digest, _Flight] = {}
+        self._closed = False
+        self._tmp = self.root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise CacheInUse(f"chunk cache {self.root}: directory is in use") from None
+        self._rebuild()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> ChunkCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rebuild(self) -> None:
+        """Index the chunks left by a previous run; drop unfinished writes."""
+        for leftover in self._tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        found: list[tuple[int, Digest, int]] = []
+        for algorithm in _ALGORITHMS:
+            base = self.root / algorithm
+            if not base.is_dir():
+                continue
+            for path in base.glob("*/*"):
+                digest = _digest_of_path(algorithm, path)
+                if digest is None:
+                    continue  # not ours; leave it alone rather than guess
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                found.append((max(st.st_atime_ns, st.st_mtime_ns), digest, st.st_size))
+        found.sort(key=lambda item: item[0])
+        for _, digest, size in found:
+            self._lru[digest] = size
+            self._bytes += size
+        with self._lock:
+            self._evict_locked()
+
+    # -- sync API (thread-safe, blocking) -----------------------------------------------
+
+    def path(self, digest: Digest) -> Path:
+        return self.root / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def __contains__(self, digest: Digest) -> bool:
+        with self._lock:
+            return digest in self._lru
+
+    def get(self, digest: Digest) -> bytes | None:
+        """The verified bytes of `digest`, or None (absent, vanished, or corrupt)."""
+        self._check_open()
+        with self._lock:
+            if digest not in self._lru:
+                self._misses += 1
+                return None
+            self._lru.move_to_end(digest)
+        path = self.path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            with self._lock:
+                self._forget_locked(digest)
+                self._misses += 1
+            return None
+        if not _matches(digest, data):
+            log.warning("chunk cache %s: %s failed verification; removed", self.root, digest)
+            with self._lock:
+                self._corrupt += 1
+                self._misses += 1
+                self._forget_locked(digest)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)  # so the LRU order survives a restart
+        with self._lock:
+            self._hits += 1
+        return data
+
+    def put(self, digest: Digest, data: bytes, *, what: str = "chunk") -> None:
+        """Verify `data` against `digest` (DataLoss on mismatch), then store it."""
+        self._check_open()
+        digest.check(data, what)
+        self._store(digest, data)
+
+    def discard(self, digest: Digest) -> None:
+        with self._lock:
+            if digest in self._lru:
+                self._forget_locked(digest)
+                with contextlib.suppress(FileNotFoundError):
+                    self.path(digest).unlink()
+
+    def statistics(self) -> CacheStatistics:
+        with self._lock:
+            return CacheStatistics(
+                entries=len(self._lru),
+                bytes=self._bytes,
+                max_bytes=self.max_bytes,
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                corrupt=self._corrupt,
+                in_flight=len(self._flights),
+            )
+
+    # -- async API (trio) ---------------------------------------------------------------
+
+    async def aget(self, digest: Digest) -> bytes | None:
+        # Abandoning a read is harmless: the thread finishes and its result is dropped.
+        return await trio.to_thread.run_sync(self.get, digest, abandon_on_cancel=True)
+
+    async def aput(self, digest: Digest, data: bytes, *, what: str = "chunk") -> None:
+        await trio.to_thread.run_sync(lambda: self.put(digest, data, what=what))
+
+    async def get_or_fetch(
+        self, digest: Digest, fetch: Callable[[], Awaitable[bytes]], *, what: str = "chunk"
+    ) -> bytes:
+        """The chunk from the cache, or from `fetch()` (verified, then stored).
+
+        Concurrent callers for one digest share a single `fetch()`: the first becomes the
+        leader, the others wait for its result. If the leader fails, waiters get an error of
+        the same category and nothing is remembered, so the next call fetches again; if the
+        leader was cancelled (its own deadline), a waiter takes over. Bound the call with a
+        trio deadline; this method adds none.
+        """
+        while True:
+            flight = self._flights.get(digest)
+            if flight is None:
+                data = await self.aget(digest)
+                if data is not None:
+                    return data
+                flight = self._flights.get(digest)
+            if flight is None:
+                if digest in self:
+                    continue  # stored by a flight that ended while we were reading
+                return await self._lead(digest, fetch, what)
+            await flight.done.wait()
+            if flight.data is not None:
+                return flight.data
+            err = flight.error
+            if isinstance(err, trio.Cancelled) or err is None:
+                continue
+            cat = category(err) or Unavailable
+            raise cat(f"{what}: {err}") from err
+
+    async def _lead(
+        self, digest: Digest, fetch: Callable[[], Awaitable[bytes]], what: str
+    ) -> bytes:
+        flight = self._flights[digest] = _Flight()
+        try:
+            data = await fetch()
+            await trio.to_thread.run_sync(lambda: self.put(digest, data, what=what))
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        else:
+            flight.data = data
+            return data
+        finally:
+            del self._flights[digest]
+            flight.done.set()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"chunk cache {self.root}: closed")
+
+    def _store(self, digest: Digest, data: bytes) -> None:
+        with self._lock:
+            if digest in self._lru:
+                self._lru.move_to_end(digest)
+                return
+        final = self.path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _mkstemp(self._tmp, digest.hex)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            with self._lock:
+                if digest in self._lru:  # another thread stored it meanwhile
+                    return
+                os.replace(tmp, final)
+                tmp = None
+                self._lru[digest] = len(data)
+                self._bytes += len(data)
+                self._evict_locked()
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def _forget_locked(self, digest: Digest) -> None:
+        size = self._lru.pop(digest, None)
+        if size is not None:
+            self._bytes -= size
+
+    def _evict_locked(self) -> None:
+        while self._bytes > self.max_bytes and self._lru:
+            digest, size = self._lru.popitem(last=False)
+            self._bytes -= size
+            self._evictions += 1
+            with contextlib.suppress(FileNotFoundError):
+                self.path(digest).unlink()
+
+
+def _matches(digest: Digest, data: bytes) -> bool:
+    v = digest.verifier()
+    v.update(data)
+    return v.verified()
+
+
+def _digest_of_path(algorithm: str, path: Path) -> Digest | None:
+    name = path.name
+    if path.parent.name != name[:2] or not _HEX.match(name):
+        return None
+    try:
+        return Digest.parse(f"{algorithm}:{name}")
+    except Exception:
+        return None
+
+
+def _mkstemp(directory: Path, stem: str) -> tuple[int, str]:
+    # Unique per writer so concurrent puts of one digest never share a temp file.
+    for attempt in range(100):
+        path = directory / f"{stem}.{os.getpid()}.{threading.get_ident()}.{attempt}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        return fd, str(path)
+    raise FileExistsError(f"chunk cache: no free temp name for {stem} in {directory}")
