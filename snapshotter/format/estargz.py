@@ -1,0 +1,190 @@
+"""eStargz layers as bytes: footer, TOC member, TOC JSON -> `Toc`, chunk extraction.
+
+No I/O of its own: callers fetch the byte ranges (tail, TOC member, chunk members) and
+hand them in. Everything a hostile blob can say is validated here before `fs/` sees it.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zlib
+
+from snapshotter.digest import Digest
+from snapshotter.errors import DataLoss, InvalidArgument
+from snapshotter.format.toc import Chunk
+
+__all__ = [
+    "FOOTER_SIZE",
+    "LEGACY_FOOTER_SIZE",
+    "NO_PREFETCH_LANDMARK",
+    "PREFETCH_LANDMARK",
+    "TOC_NAME",
+    "InvalidFooter",
+    "InvalidTOC",
+    "extract_chunk",
+    "footer_bytes",
+    "parse_footer",
+    "read_toc_json",
+    "verify_chunk",
+]
+
+FOOTER_SIZE = 51
+LEGACY_FOOTER_SIZE = 47
+TOC_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+_FEXTRA = 0x04
+# The body every footer carries: an empty final stored block, then CRC32 0 and ISIZE 0.
+_EMPTY_BODY = b"\x01\x00\x00\xff\xff" + bytes(8)
+# Tar headers (a PAX one, then the entry) and end-of-archive that may surround the JSON.
+_TOC_SLACK = 64 * 1024
+
+
+class InvalidFooter(InvalidArgument):
+    """The blob does not end with an eStargz footer: not an eStargz layer."""
+
+
+class InvalidTOC(InvalidArgument):
+    """The TOC member or its JSON is malformed or hostile; the layer must not be served."""
+
+
+def footer_bytes(toc_offset: int) -> bytes:
+    """The 51-byte footer pointing at `toc_offset`: an empty gzip member whose extra field
+    (subfield "SG") holds the offset as 16 hex digits followed by "STARGZ"."""
+    payload = f"{toc_offset:016x}STARGZ".encode()
+    extra = b"SG" + len(payload).to_bytes(2, "little") + payload
+    header = _GZIP_MAGIC + bytes([_FEXTRA]) + bytes(4) + b"\x00\xff"
+    footer = header + len(extra).to_bytes(2, "little") + extra + _EMPTY_BODY
+    assert len(footer) == FOOTER_SIZE
+    return footer
+
+
+def _footer_offset(footer: bytes) -> int | None:
+    """The TOC offset a 51- or 47-byte footer carries, or None if it is not one."""
+    if footer[:3] != _GZIP_MAGIC or footer[3] != _FEXTRA or footer[-13:] != _EMPTY_BODY:
+        return None
+    xlen = int.from_bytes(footer[10:12], "little")
+    extra = footer[12:-13]
+    if xlen != len(extra):
+        return None
+    if len(footer) == FOOTER_SIZE:
+        if extra[:2] != b"SG" or int.from_bytes(extra[2:4], "little") != 22:
+            return None
+        payload = extra[4:]
+    else:  # legacy (CRFS stargz): the extra field is the bare payload
+        payload = extra
+    text = payload[:16]
+    if payload[16:] != b"STARGZ" or not all(c in b"0123456789abcdefABCDEF" for c in text):
+        return None
+    return int(text, 16)
+
+
+def parse_footer(tail: bytes, *, blob_size: int | None = None) -> tuple[int, int]:
+    """`(toc_offset, footer_size)` from the last min(51, blob_size) bytes of a blob.
+
+    The 51-byte footer is tried first, then the legacy 47-byte one. With `blob_size`, the
+    offset must also leave room for a TOC member before the footer.
+    """
+    for size in (FOOTER_SIZE, LEGACY_FOOTER_SIZE):
+        if len(tail) < size:
+            continue
+        offset = _footer_offset(tail[-size:])
+        if offset is None:
+            continue
+        if blob_size is not None and not 0 <= offset < blob_size - size:
+            raise InvalidFooter(
+                f"eStargz footer: toc offset {offset} outside blob of {blob_size} bytes"
+            )
+        return offset, size
+    raise InvalidFooter("not an eStargz layer: no eStargz footer at the end of the blob")
+
+
+def _inflate(data: bytes, skip: int, want: int, what: str, *, upto: bool = False) -> bytes:
+    """Bytes [skip, skip+want) of the concatenated gzip members in `data` (with `upto`,
+    fewer if the data ends cleanly first).
+
+    Inflation stops once `want` bytes are out and skipped bytes are dropped as they come,
+    so memory stays bounded by `want` plus 1 MiB: the bound that makes gzip bombs harmless.
+    """
+    out = bytearray()
+    rest = data
+    while len(out) < want:
+        if rest[:2] != b"\x1f\x8b":
+            if not rest and upto:
+                break
+            if not rest:
+                raise DataLoss(f"{what}: gzip data ends {want - len(out)} bytes early")
+            raise DataLoss(f"{what}: no gzip member at compressed byte {len(data) - len(rest)}")
+        d = zlib.decompressobj(wbits=31)
+        pending = rest
+        try:
+            while len(out) < want and not d.eof:
+                piece = d.decompress(pending, min(skip, 1 << 20) + want - len(out))
+                pending = d.unconsumed_tail
+                if not piece and not pending:
+                    raise DataLoss(f"{what}: truncated gzip member")
+                if skip:
+                    dropped = min(skip, len(piece))
+                    skip -= dropped
+                    piece = piece[dropped:]
+                out += piece[: want - len(out)]
+        except zlib.error as exc:
+            raise DataLoss(f"{what}: corrupt gzip data: {exc}") from None
+        rest = d.unused_data
+    return bytes(out)
+
+
+def read_toc_json(member: bytes, *, max_size: int) -> bytes:
+    """The TOC JSON from the TOC member (blob bytes [toc_offset, blob_size - footer_size)).
+
+    Inflates at most `max_size` plus a little room for tar headers, so a gzip bomb costs
+    no more memory than an honest TOC of the allowed size.
+    """
+    what = "eStargz toc member"
+    raw = _inflate(member, 0, max_size + _TOC_SLACK, what, upto=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
+            info = tf.next()
+            if info is None:
+                raise InvalidTOC(f"{what}: no tar entry")
+            if info.name != TOC_NAME or not info.isreg():
+                raise InvalidTOC(f"{what}: first entry is {info.name!r}, expected {TOC_NAME!r}")
+            if info.size > max_size:
+                raise InvalidTOC(
+                    f"{what}: {TOC_NAME} is {info.size} bytes, over the limit of {max_size}"
+                )
+            start = info.offset_data
+    except tarfile.TarError as exc:
+        if len(raw) >= max_size + _TOC_SLACK:
+            raise InvalidTOC(f"{what}: tar headers larger than {_TOC_SLACK} bytes") from None
+        raise InvalidTOC(f"{what}: not a tar stream: {exc}") from None
+    data = raw[start : start + info.size]
+    if len(data) != info.size:
+        raise DataLoss(f"{what}: {TOC_NAME} truncated at {len(data)} of {info.size} bytes")
+    return data
+
+
+def extract_chunk(compressed: bytes, chunk: Chunk) -> bytes:
+    """The `chunk.size` uncompressed bytes of `chunk` from blob bytes [offset, end).
+
+    The range may hold several concatenated gzip members; inflation stops as soon as the
+    chunk is complete. Raises DataLoss if the bytes are corrupt or end too early. The
+    digest is not checked here: call `verify_chunk`.
+    """
+    what = f"chunk at blob offset {chunk.offset} (+{chunk.inner_offset}, {chunk.size} bytes)"
+    return _inflate(compressed, chunk.inner_offset, chunk.size, what)
+
+
+def verify_chunk(data: bytes, chunk: Chunk) -> None:
+    """Raise DataLoss unless `data` is exactly the chunk the TOC describes."""
+    what = f"chunk at blob offset {chunk.offset} (+{chunk.inner_offset})"
+    if len(data) != chunk.size:
+        raise DataLoss(f"{what}: {len(data)} bytes, expected {chunk.size}")
+    try:
+        digest = Digest.parse(chunk.digest)
+    except InvalidArgument:
+        raise DataLoss(f"{what}: unusable digest {chunk.digest!r}") from None
+    digest.check(data, what)
