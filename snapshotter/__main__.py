@@ -1,0 +1,5 @@
+import sys
+
+from snapshotter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""Daemon configuration: one frozen dataclass, loaded from TOML, overridable by flags.
+
+Every key is also a command-line flag (`cache_size` -> `--cache-size`), so the TOML
+file and the flags cannot drift apart: both are generated from `Config`'s fields.
+Precedence: defaults < config file < flags. Unknown keys are an error naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapshotter.errors import InvalidArgument, NotFound
+
+__all__ = ["DEFAULT_CONFIG_PATH", "Config", "ConfigError", "add_flags", "load", "parse_size"]
+
+DEFAULT_CONFIG_PATH = Path("/etc/lazysnap/config.toml")
+
+
+class ConfigError(InvalidArgument):
+    pass
+
+
+def _opt(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path = _opt(Path("/var/lib/lazysnap"), "state directory (metadata, snapshots, cache)")
+    address: Path = _opt(Path("/run/lazysnap/lazysnap.sock"), "gRPC unix socket for containerd")
+    socket_mode: str = _opt("0660", "permission bits of the socket (octal)")
+    log_level: str = _opt("info", "debug, info, warning or error")
+    lazy: bool = _opt(True, "serve eStargz layers lazily; false makes every snapshot ordinary")
+    require_lazy: bool = _opt(
+        False, "fail a layer Prepare instead of falling back to a full download"
+    )
+    hosts_dir: Path = _opt(
+        Path("/etc/containerd/certs.d"), "containerd-style hosts.toml directory"
+    )
+    docker_config: str = _opt("", "docker config.json for registry credentials")
+    cache_size: str = _opt("10GiB", "bound of the shared chunk cache (bytes, or 512MiB, 10GiB)")
+    max_toc_size: str = _opt("64MiB", "largest uncompressed TOC accepted")
+    max_toc_entries: int = _opt(1_000_000, "most entries accepted in one TOC")
+    read_timeout: float = _opt(30.0, "seconds before a FUSE read that cannot be served fails")
+    fetch_timeout: float = _opt(30.0, "seconds for one registry request")
+    allow_no_verification: bool = _opt(
+        False, "serve layers whose TOC digest is unknown (unsafe)"
+    )
+    repository_roots: list[str] = _opt(
+        [], "existing layer trees, laid out <hex[0:2]>/<hex>/layerfs (e.g. CernVM-FS)"
+    )
+    metrics_address: str = _opt("", "host:port for Prometheus metrics; empty disables")
+
+    @property
+    def cache_bytes(self) -> int:
+        return parse_size(self.cache_size, "cache_size")
+
+    @property
+    def max_toc_bytes(self) -> int:
+        return parse_size(self.max_toc_size, "max_toc_size")
+
+
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]i?)?b?\s*", text.lower())
+    if m is None:
+        raise ConfigError(f"{what}: {text!r} is not a size (e.g. 512MiB, 10GiB)")
+    return int(m.group(1)) * _UNITS[m.group(2) or ""]
+
+
+def _base_type(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    base = _base_type(tp)
+    if typing.get_origin(base) is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key {name!r}: expected a list of strings")
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key {name!r}: expected true or false, got {value!r}")
+    try:
+        if base is Path:
+            return Path(value)
+        if base is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int | str) and not isinstance(value, bool):
+            return int(value)
+        if base is str and isinstance(value, str | int):
+            return str(value)
+    except ValueError:
+        pass
+    raise ConfigError(f"config key {name!r}: expected {getattr(base, '__name__', base)}, "
+                      f"got {value!r}")
+
+
+_HINTS = typing.get_type_hints(Config)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field; defaults are None so the file's values show through."""
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"TOML config file (default {DEFAULT_CONFIG_PATH}, if present)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if _base_type(_HINTS[f.name]) is bool:
+            parser.add_argument(flag, dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=f.metadata["help"])
+
+
+def load(args: argparse.Namespace | None = None) -> Config:
+    """Defaults, then the config file, then flags given on the command line."""
+    explicit = getattr(args, "config", None) if args is not None else None
+    path = explicit or DEFAULT_CONFIG_PATH
+    values: dict[str, Any] = {}
+    if path.exists():
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    elif explicit is not None:
+        raise NotFound(f"config file {path}: not found")
+    known = {f.name for f in dataclasses.fields(Config)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+    if args is not None:
+        for name in known:
+            flag_value = getattr(args, name, None)
+            if flag_value is not None:
+                values[name] = flag_value
+    coerced = {k: _coerce(k, _HINTS[k], v) for k, v in values.items()}
+    cfg = Config(**coerced)
+    parse_size(cfg.cache_size, "cache_size")
+    parse_size(cfg.max_toc_size, "max_toc_size")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"config key 'log_level': unknown level {cfg.log_level!r}")
+    try:
+        int(cfg.socket_mode, 8)
+    except ValueError:
+        raise ConfigError(f"config key 'socket_mode': {cfg.socket_mode!r} is not octal") from None
+    return cfg
