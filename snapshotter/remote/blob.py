@@ -1,0 +1,262 @@
+"""Chunks of one remote eStargz blob, served through the shared chunk cache.
+
+This module turns a plain async `fetch_range(start, end)` into verified chunk bytes; it
+knows nothing of HTTP (the caller binds the registry client) nor of files (fs/ asks for
+`Chunk`s from the TOC).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from snapshotter.cache.chunks import ChunkCache
+from snapshotter.digest import Digest
+from snapshotter.errors import DataLoss, InvalidArgument, LazysnapError, Unavailable, category
+from snapshotter.format.estargz import extract_chunk
+from snapshotter.format.toc import Chunk
+
+__all__ = [
+    "BlobStatistics",
+    "ChunkFetchTimeout",
+    "ChunkOutOfRange",
+    "FetchRange",
+    "RemoteBlob",
+    "ShortRead",
+]
+
+FetchRange = Callable[[int, int], Awaitable[bytes]]
+"""`await fetch_range(start, end)` -> bytes [start, end) of the blob (end exclusive)."""
+
+COALESCE_LIMIT = 16 << 20  # one Range GET never asks for more than this (unless one chunk does)
+
+
+class ChunkFetchTimeout(Unavailable):
+    """A chunk did not arrive within the blob's fetch timeout."""
+
+
+class ChunkOutOfRange(InvalidArgument):
+    """A chunk's compressed extent is not inside the blob."""
+
+
+class ShortRead(DataLoss):
+    """The source answered a range with the wrong number of bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStatistics:
+    blob_size: int
+    reads: int  # chunk reads answered (successfully)
+    cache_hits: int  # of those, answered without a fetch by this blob
+    chunks_fetched: int  # chunks this blob fetched, verified and stored
+    fetches: int  # range requests made
+    bytes_fetched: int  # compressed bytes received
+    failures: int  # chunk reads that raised
+
+
+class RemoteBlob:
+    """Reads `Chunk`s of one blob: cache hit, else fetch, extract, verify, store.
+
+    Implements fs/'s ChunkReader protocol (`await read_chunk(chunk) -> bytes`). A chunk's
+    bytes are returned only after they matched `chunk.digest`; bytes that do not match
+    raise DataLoss and are neither returned nor cached. Readers of one digest share one
+    fetch, also across blobs that share `cache` (chunks are deduplicated by content).
+    Every read is bounded by `fetch_timeout` seconds (ChunkFetchTimeout, an Unavailable);
+    a failed read leaves nothing behind, so the next read tries again.
+
+    `fetch_range(start, end)` returns bytes [start, end) of the blob and raises error
+    categories (the registry client translates its own errors). `name` appears in errors.
+
+        blob = RemoteBlob(partial(client.read_blob_range, ref, digest), cache,
+                          blob_size=size, name=str(digest))
+        data = await blob.read_chunk(entry.chunks[0])
+        parts = await blob.read_chunks(entry.chunks)  # adjacent chunks in one request
+    """
+
+    def __init__(
+        self,
+        fetch_range: FetchRange,
+        cache: ChunkCache,
+        *,
+        blob_size: int,
+        fetch_timeout: float = 30.0,
+        name: str = "blob",
+    ) -> None:
+        if blob_size < 0:
+            raise InvalidArgument(f"{name}: negative blob size {blob_size}")
+        self._fetch_range = fetch_range
+        self.cache = cache
+        self.blob_size = blob_size
+        self.fetch_timeout = fetch_timeout
+        self.name = name
+        self._reads = self._hits = self._chunks_fetched = 0
+        self._fetches = self._bytes_fetched = self._failures = 0
+
+    def statistics(self) -> BlobStatistics:
+        return BlobStatistics(
+            blob_size=self.blob_size,
+            reads=self._reads,
+            cache_hits=self._hits,
+            chunks_fetched=self._chunks_fetched,
+            fetches=self._fetches,
+            bytes_fetched=self._bytes_fetched,
+            failures=self._failures,
+        )
+
+    async def read_chunk(self, chunk: Chunk) -> bytes:
+        """The verified uncompressed bytes of `chunk`."""
+        return (await self.read_chunks([chunk]))[0]
+
+    async def read_chunks(self, chunks: Sequence[Chunk]) -> list[bytes]:
+        """The verified bytes of each chunk, in order; missing neighbours share one request.
+
+        Chunks whose compressed extents touch or overlap are fetched with a single range
+        request (up to COALESCE_LIMIT bytes). The whole call is bounded by `fetch_timeout`.
+        """
+        unique: dict[str, Chunk] = {}
+        for chunk in chunks:
+            self._check(chunk)
+            unique.setdefault(chunk.digest, chunk)
+        digests = {text: _parse_digest(text, self.name) for text in unique}
+        # Plan ranges only for chunks not already stored; in-flight ones are joined by
+        # get_or_fetch without calling our fetch, so planning them costs nothing.
+        missing = [c for t, c in unique.items() if digests[t] not in self.cache]
+        ranges = {c.digest: r for r in _plan(missing, self) for c in r.chunks}
+
+        results: dict[str, bytes] = {}
+        errors: list[BaseException] = []
+
+        async def one(text: str, chunk: Chunk) -> None:
+            source = ranges.get(text) or _SharedRange(self, chunk.offset, chunk.end, [chunk])
+            fetched = False
+
+            async def fetch() -> bytes:
+                nonlocal fetched
+                data = await source.extract(chunk)
+                fetched = True
+                return data
+
+            try:
+                results[text] = await self.cache.get_or_fetch(
+                    digests[text], fetch, what=self._what(chunk)
+                )
+            except Exception as exc:
+                errors.append(exc)
+                return
+            if fetched:
+                self._chunks_fetched += 1
+            else:
+                self._hits += 1
+
+        try:
+            with trio.fail_after(self.fetch_timeout):
+                async with trio.open_nursery() as nursery:
+                    for text, chunk in unique.items():
+                        nursery.start_soon(one, text, chunk)
+        except trio.TooSlowError:
+            self._failures += len(chunks)
+            what = self._what(chunks[0]) if len(chunks) == 1 else f"{self.name}: chunks"
+            raise ChunkFetchTimeout(f"{what}: not fetched within {self.fetch_timeout}s") from None
+        if errors:
+            self._failures += len(chunks)
+            raise errors[0]
+        self._reads += len(chunks)
+        return [results[c.digest] for c in chunks]
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _what(self, chunk: Chunk) -> str:
+        return f"{self.name}: chunk {chunk.digest} at [{chunk.offset}, {chunk.end})"
+
+    def _check(self, chunk: Chunk) -> None:
+        if not 0 <= chunk.offset < chunk.end <= self.blob_size:
+            raise ChunkOutOfRange(
+                f"{self._what(chunk)}: outside the blob of {self.blob_size} bytes"
+            )
+
+    async def _fetch(self, start: int, end: int) -> bytes:
+        self._fetches += 1
+        data = await self._fetch_range(start, end)
+        self._bytes_fetched += len(data)
+        if len(data) != end - start:
+            raise ShortRead(
+                f"{self.name}: range [{start}, {end}) answered with {len(data)} bytes"
+            )
+        return data
+
+
+class _SharedRange:
+    """One range request whose bytes feed several chunks; fetched once, on first need."""
+
+    def __init__(self, blob: RemoteBlob, start: int, end: int, chunks: list[Chunk]) -> None:
+        self.blob = blob
+        self.start = start
+        self.end = end
+        self.chunks = chunks
+        self._done: trio.Event | None = None
+        self._data: bytes | None = None
+        self._error: BaseException | None = None
+
+    async def _get(self) -> bytes:
+        if self._done is None:
+            self._done = trio.Event()
+            try:
+                self._data = await self.blob._fetch(self.start, self.end)
+            except BaseException as exc:
+                self._error = exc
+                raise
+            finally:
+                self._done.set()
+            return self._data
+        await self._done.wait()
+        if self._data is None:
+            cat = category(self._error) if self._error is not None else None
+            raise (cat or Unavailable)(
+                f"{self.blob.name}: range [{self.start}, {self.end}) failed: {self._error}"
+            ) from self._error
+        return self._data
+
+    async def extract(self, chunk: Chunk) -> bytes:
+        data = await self._get()
+        member = data[chunk.offset - self.start : chunk.end - self.start]
+        # Inflating is CPU work; keep it off the trio thread that serves FUSE.
+        return await trio.to_thread.run_sync(_extract, member, chunk, self.blob.name)
+
+
+def _extract(member: bytes, chunk: Chunk, name: str) -> bytes:
+    try:
+        return extract_chunk(member, chunk)
+    except DataLoss:
+        raise
+    except (LazysnapError, zlib.error, EOFError, ValueError) as exc:
+        # The TOC was verified, so bytes that do not inflate as it says were damaged.
+        raise DataLoss(
+            f"{name}: chunk {chunk.digest} at [{chunk.offset}, {chunk.end}): {exc}"
+        ) from exc
+
+
+def _plan(chunks: list[Chunk], blob: RemoteBlob) -> list[_SharedRange]:
+    """Group chunks into as few ranges as possible: touching extents merge."""
+    ranges: list[_SharedRange] = []
+    for chunk in sorted(chunks, key=lambda c: (c.offset, c.end)):
+        last = ranges[-1] if ranges else None
+        if (
+            last is not None
+            and chunk.offset <= last.end
+            and max(last.end, chunk.end) - last.start <= COALESCE_LIMIT
+        ):
+            last.end = max(last.end, chunk.end)
+            last.chunks.append(chunk)
+        else:
+            ranges.append(_SharedRange(blob, chunk.offset, chunk.end, [chunk]))
+    return ranges
+
+
+def _parse_digest(text: str, name: str) -> Digest:
+    try:
+        return Digest.parse(text)
+    except InvalidArgument:
+        raise InvalidArgument(f"{name}: chunk digest {text!r} is not a digest") from None
