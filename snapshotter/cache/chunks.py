@@ -140,7 +140,7 @@ class ChunkCache:
             self._lru[digest] = size
             self._bytes += size
         with self._lock:
-            self._evict_locked()
+            self._unlink(self._evict_locked())
 
     # -- sync API (thread-safe, blocking) -----------------------------------------------
 
@@ -148,8 +148,9 @@ class ChunkCache:
         return self.root / digest.algorithm / digest.hex[:2] / digest.hex
 
     def __contains__(self, digest: Digest) -> bool:
-        with self._lock:
-            return digest in self._lru
+        # No lock: called on the trio thread, which must not wait for a writer's disk
+        # I/O. A dict lookup is atomic under the GIL; the answer is a hint either way.
+        return digest in self._lru
 
     def get(self, digest: Digest) -> bytes | None:
         """The verified bytes of `digest`, or None (absent, vanished, or corrupt)."""
@@ -173,8 +174,7 @@ class ChunkCache:
                 self._corrupt += 1
                 self._misses += 1
                 self._forget_locked(digest)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                self._unlink([digest])
             return None
         with contextlib.suppress(FileNotFoundError):
             os.utime(path)  # so the LRU order survives a restart
@@ -190,10 +190,8 @@ class ChunkCache:
 
     def discard(self, digest: Digest) -> None:
         with self._lock:
-            if digest in self._lru:
-                self._forget_locked(digest)
-                with contextlib.suppress(FileNotFoundError):
-                    self.path(digest).unlink()
+            self._forget_locked(digest)
+            self._unlink([digest])
 
     def statistics(self) -> CacheStatistics:
         with self._lock:
@@ -284,14 +282,17 @@ class ChunkCache:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            # Rename and unlink under the lock so the index and the directory agree;
+            # trio never waits for this lock (see __contains__).
             with self._lock:
                 if digest in self._lru:  # another thread stored it meanwhile
+                    self._lru.move_to_end(digest)
                     return
                 os.replace(tmp, final)
                 tmp = None
                 self._lru[digest] = len(data)
                 self._bytes += len(data)
-                self._evict_locked()
+                self._unlink(self._evict_locked())
         finally:
             if tmp is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -302,11 +303,18 @@ class ChunkCache:
         if size is not None:
             self._bytes -= size
 
-    def _evict_locked(self) -> None:
+    def _evict_locked(self) -> list[Digest]:
+        """Drop LRU entries until within budget; the caller unlinks them."""
+        victims = []
         while self._bytes > self.max_bytes and self._lru:
             digest, size = self._lru.popitem(last=False)
             self._bytes -= size
             self._evictions += 1
+            victims.append(digest)
+        return victims
+
+    def _unlink(self, digests: list[Digest]) -> None:
+        for digest in digests:
             with contextlib.suppress(FileNotFoundError):
                 self.path(digest).unlink()
 
