@@ -12,6 +12,12 @@ import zlib
 
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss, InvalidArgument
+from snapshotter.format._tocjson import (
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    InvalidTOC,
+    parse_toc,
+)
 from snapshotter.format.toc import Chunk
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "extract_chunk",
     "footer_bytes",
     "parse_footer",
+    "parse_toc",
     "read_toc_json",
     "verify_chunk",
 ]
@@ -32,8 +39,6 @@ __all__ = [
 FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
 TOC_NAME = "stargz.index.json"
-PREFETCH_LANDMARK = ".prefetch.landmark"
-NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _FEXTRA = 0x04
@@ -45,10 +50,6 @@ _TOC_SLACK = 64 * 1024
 
 class InvalidFooter(InvalidArgument):
     """The blob does not end with an eStargz footer: not an eStargz layer."""
-
-
-class InvalidTOC(InvalidArgument):
-    """The TOC member or its JSON is malformed or hostile; the layer must not be served."""
 
 
 def footer_bytes(toc_offset: int) -> bytes:
