@@ -6,6 +6,7 @@ Also containerd's size rule for labels (labels/validate.go): key + value <= 4096
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from snapshotter.errors import InvalidArgument
 
@@ -27,6 +28,9 @@ __all__ = [
     "TOC_DIGEST",
     "UNCOMPRESSED_SIZE",
     "InvalidLabel",
+    "LayerSource",
+    "MissingSourceLabels",
+    "layer_source",
     "validate_labels",
 ]
 
@@ -63,3 +67,47 @@ def validate_labels(labels: Mapping[str, str]) -> None:
                 f"label {key[:64]!r}: key and value greater than maximum size "
                 f"({MAX_LABEL_SIZE} bytes)"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSource:
+    """Where a layer offered for remote mounting lives, as read from Prepare's labels.
+
+    CRI/nerdctl/transfer-service keys win over the legacy `remote/stargz.*` keys that
+    `ctr-remote image rpull` sets, as in stargz-snapshotter.
+    """
+
+    image_ref: str
+    layer_digest: str
+    manifest_digest: str = ""
+    image_layers: tuple[str, ...] = ()
+    toc_digest: str = ""
+    skip_verify: bool = False
+    prefetch_size: int | None = None
+
+
+class MissingSourceLabels(InvalidArgument):
+    """Prepare carried snapshot.ref but not enough labels to find the layer."""
+
+
+def layer_source(labels: Mapping[str, str]) -> LayerSource:
+    """The layer's source, or MissingSourceLabels naming what is missing."""
+    ref = labels.get(CRI_IMAGE_REF) or labels.get(STARGZ_REFERENCE, "")
+    digest = labels.get(CRI_LAYER_DIGEST) or labels.get(STARGZ_DIGEST, "")
+    if not ref or not digest:
+        missing = [k for k, v in (("image reference", ref), ("layer digest", digest)) if not v]
+        raise MissingSourceLabels(
+            f"no {' and no '.join(missing)} label (plain `ctr image pull` sends none; use "
+            "`ctr-remote image rpull`, CRI, or the transfer service)"
+        )
+    layers = labels.get(CRI_IMAGE_LAYERS) or labels.get(STARGZ_LAYERS, "")
+    prefetch = labels.get(STARGZ_PREFETCH, "")
+    return LayerSource(
+        image_ref=ref,
+        layer_digest=digest,
+        manifest_digest=labels.get(CRI_MANIFEST_DIGEST, ""),
+        image_layers=tuple(x for x in layers.split(",") if x),
+        toc_digest=labels.get(TOC_DIGEST, ""),
+        skip_verify=labels.get(STARGZ_SKIPVERIFY, "").lower() in ("true", "1", "yes"),
+        prefetch_size=int(prefetch) if prefetch.isdigit() else None,
+    )
