@@ -7,12 +7,13 @@ the real one without needing a TOC.
 
 from __future__ import annotations
 
-import gzip
 import time
 
 import pytest
 import trio
 import trio.testing
+from remote_fakes import layout as _layout
+from remote_fakes import pieces as _pieces
 
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.digest import Digest
@@ -20,37 +21,6 @@ from snapshotter.errors import DataLoss, InvalidArgument, Unavailable
 from snapshotter.format.toc import Chunk
 from snapshotter.remote import blob as blob_module
 from snapshotter.remote.blob import ChunkFetchTimeout, ChunkOutOfRange, RemoteBlob, ShortRead
-
-HEADER = gzip.compress(b"\0" * 512, mtime=0)  # stands in for a tar header member
-
-
-def _layout(groups: list[list[bytes]], level: int = 9) -> tuple[bytes, list[Chunk]]:
-    """A blob with one gzip member per group; each piece of a group is one chunk."""
-    out = bytearray(HEADER)
-    chunks: list[Chunk] = []
-    file_offset = 0
-    for group in groups:
-        start = len(out)
-        out += gzip.compress(b"".join(group), compresslevel=level, mtime=0)
-        inner = 0
-        for piece in group:
-            chunks.append(
-                Chunk(
-                    chunk_offset=file_offset,
-                    size=len(piece),
-                    offset=start,
-                    end=len(out),
-                    inner_offset=inner,
-                    digest=str(Digest.of(piece)),
-                )
-            )
-            inner += len(piece)
-            file_offset += len(piece)
-    return bytes(out), chunks
-
-
-def _pieces(n: int, size: int = 5000, tag: str = "p") -> list[bytes]:
-    return [(f"{tag}{i}:".encode() * size)[:size] for i in range(n)]
 
 
 def _blob(source, cache: ChunkCache, **kw) -> RemoteBlob:  # type: ignore[no-untyped-def]

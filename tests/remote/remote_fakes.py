@@ -1,0 +1,81 @@
+"""Fakes shared by tests/remote: a blob source with scripted faults, gzip-member blobs."""
+
+from __future__ import annotations
+
+import gzip
+
+import trio
+
+from snapshotter.digest import Digest
+from snapshotter.format.toc import Chunk
+
+HEADER = gzip.compress(b"\0" * 512, mtime=0)  # stands in for a tar header member
+
+
+def layout(groups: list[list[bytes]], level: int = 9) -> tuple[bytes, list[Chunk]]:
+    """A blob laid out like eStargz payloads: one gzip member per group, each piece of a
+    group one chunk (several pieces share a member, as with innerOffset)."""
+    out = bytearray(HEADER)
+    chunks: list[Chunk] = []
+    file_offset = 0
+    for group in groups:
+        start = len(out)
+        out += gzip.compress(b"".join(group), compresslevel=level, mtime=0)
+        inner = 0
+        for piece in group:
+            chunks.append(
+                Chunk(
+                    chunk_offset=file_offset,
+                    size=len(piece),
+                    offset=start,
+                    end=len(out),
+                    inner_offset=inner,
+                    digest=str(Digest.of(piece)),
+                )
+            )
+            inner += len(piece)
+            file_offset += len(piece)
+    return bytes(out), chunks
+
+
+def pieces(n: int, size: int = 5000, tag: str = "p") -> list[bytes]:
+    return [(f"{tag}{i}:".encode() * size)[:size] for i in range(n)]
+
+
+class FakeSource:
+    """`fetch_range` over in-memory blob bytes, counting calls, with faults as data.
+
+    `script` lists what each next call does: "ok", "hang" (never answers), "corrupt"
+    (one byte flipped in the middle), "short" (one byte missing), or an exception to
+    raise; once it runs out, calls answer "ok". While `gate` is set to an unset Event,
+    calls wait for it first.
+    """
+
+    def __init__(self, blob: bytes, script: list[object] | None = None) -> None:
+        self.blob = blob
+        self.script = list(script or [])
+        self.calls: list[tuple[int, int]] = []
+        self.gate: trio.Event | None = None
+
+    @property
+    def bytes_served(self) -> int:
+        return sum(end - start for start, end in self.calls)
+
+    async def __call__(self, start: int, end: int) -> bytes:
+        assert 0 <= start <= end <= len(self.blob), (start, end)
+        self.calls.append((start, end))
+        action = self.script.pop(0) if self.script else "ok"
+        if self.gate is not None:
+            await self.gate.wait()
+        data = self.blob[start:end]
+        if action == "ok":
+            return data
+        if action == "hang":
+            await trio.sleep_forever()
+        if action == "corrupt":
+            mid = len(data) // 2
+            return data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
+        if action == "short":
+            return data[:-1]
+        assert isinstance(action, BaseException), action
+        raise action
