@@ -1,0 +1,72 @@
+"""`lazysnap status`: what the daemon serves, layer by layer, and why a layer was not lazy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from snapshotter.errors import NotFound, Unavailable
+
+STATUS_FILE = "status.json"
+# The daemon rewrites the file every few seconds; older means it is not running.
+STALE_AFTER = 30.0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help=__doc__, description=__doc__)
+    p.add_argument("--root", type=Path, default=Path("/var/lib/lazysnap"),
+                   help="the daemon's state directory")
+    p.add_argument("--json", action="store_true", help="print the raw status document")
+    p.set_defaults(func=run)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def render(doc: dict[str, Any]) -> str:
+    lines = [f"{'IMAGE':40} {'LAYER':19} {'MODE':24} {'SIZE':>9} {'FETCHED':>9} {'%':>6} "
+             f"{'HITS':>6}"]
+    for row in doc.get("layers", []):
+        lines.append(
+            f"{row['image_ref'][-40:]:40} {row['layer_digest'][:19]:19} {row['mode'][:24]:24} "
+            f"{_size(row['size']):>9} {_size(row['bytes_fetched']):>9} "
+            f"{row['percent_fetched']:>6.1f} {row['cache_hits']:>6}"
+        )
+    for fb in doc.get("fallbacks", []):
+        lines.append(
+            f"{fb['image_ref'][-40:]:40} {fb['layer_digest'][:19]:19} "
+            f"{'fallback: ' + fb['reason']:24} {'-':>9} {'-':>9} {'-':>6} {'-':>6}  {fb['detail']}"
+        )
+    cache = doc.get("cache")
+    if cache:
+        lines.append(f"cache: {_size(cache['bytes'])} of {_size(cache['max_bytes'])} in "
+                     f"{cache['entries']} chunks; hits {cache['hits']}, misses "
+                     f"{cache['misses']}, evictions {cache['evictions']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = args.root / STATUS_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no status (is `lazysnap serve --root {args.root}` running?)") \
+            from None
+    age = time.time() - doc.get("time", 0)
+    if age > STALE_AFTER:
+        raise Unavailable(f"{path}: status is {age:.0f}s old; the daemon is not running")
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+    else:
+        print(render(doc))
+    return 0
