@@ -1,0 +1,140 @@
+"""Resolve a remote eStargz layer: fetch its footer and TOC, verify the TOC, bundle its blob.
+
+The TOC is checked against the `toc.digest` the image declares before anything is parsed
+or served; format/ does the byte-level work, this module only fetches and decides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from snapshotter.cache.chunks import ChunkCache
+from snapshotter.digest import Digest
+from snapshotter.errors import InvalidArgument, Unavailable
+from snapshotter.format.estargz import FOOTER_SIZE, parse_footer, parse_toc, read_toc_json
+from snapshotter.format.toc import Toc
+from snapshotter.remote.blob import FetchRange, RemoteBlob, ShortRead
+
+__all__ = [
+    "DEFAULT_MAX_ENTRIES",
+    "RemoteLayer",
+    "TocDigestMissing",
+    "TocFetchTimeout",
+    "TocTooLarge",
+    "load_toc",
+    "open_layer",
+]
+
+DEFAULT_MAX_ENTRIES = 1 << 20
+# Deflate may add a few bytes per block, and the member carries tar headers and the
+# end-of-archive trailer besides the JSON.
+_MEMBER_SLACK = 64 * 1024
+
+
+class TocDigestMissing(InvalidArgument):
+    """The layer declares no TOC digest and unverified layers are not allowed."""
+
+
+class TocFetchTimeout(Unavailable):
+    """The footer or the TOC did not arrive within the timeout."""
+
+
+class TocTooLarge(InvalidArgument):
+    """The TOC member is larger than the configured TOC size allows."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLayer:
+    """A layer ready to serve: its validated TOC and the blob its chunks come from."""
+
+    toc: Toc
+    blob: RemoteBlob
+    verified: bool  # False only when opened with allow_unverified and no digest
+
+
+async def load_toc(
+    fetch_range: FetchRange,
+    *,
+    blob_size: int,
+    toc_digest: Digest | None,
+    max_toc_size: int,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    allow_unverified: bool = False,
+    timeout: float = 30.0,
+    name: str = "layer",
+) -> Toc:
+    """The validated TOC of the eStargz blob behind `fetch_range`.
+
+    Two range requests: the footer (last 51 bytes), then the TOC member it points at.
+    The TOC JSON must hash to `toc_digest` (DataLoss otherwise) before it is parsed. With
+    no digest, raise TocDigestMissing unless `allow_unverified`. A blob that is not
+    eStargz raises InvalidFooter, a malformed or hostile TOC InvalidTOC (both
+    InvalidArgument: the caller falls back to a normal pull); the fetches together are
+    bounded by `timeout` (TocFetchTimeout).
+    """
+    if toc_digest is None and not allow_unverified:
+        raise TocDigestMissing(f"{name}: no toc digest; refusing to serve an unverified layer")
+    try:
+        with trio.fail_after(timeout):
+            tail_start = max(0, blob_size - FOOTER_SIZE)
+            tail = await _fetch(fetch_range, tail_start, blob_size, name)
+            toc_offset, footer_size = parse_footer(tail, blob_size=blob_size)
+            member_end = blob_size - footer_size
+            limit = max_toc_size + max_toc_size // 100 + _MEMBER_SLACK
+            if member_end - toc_offset > limit:
+                raise TocTooLarge(
+                    f"{name}: toc member is {member_end - toc_offset} bytes, "
+                    f"over the limit for a toc of {max_toc_size} bytes"
+                )
+            member = await _fetch(fetch_range, toc_offset, member_end, name)
+    except trio.TooSlowError:
+        raise TocFetchTimeout(f"{name}: toc not fetched within {timeout}s") from None
+
+    def decode() -> Toc:
+        raw = read_toc_json(member, max_size=max_toc_size)
+        if toc_digest is not None:
+            toc_digest.check(raw, f"{name}: toc")
+        return parse_toc(
+            raw, blob_size=blob_size, toc_offset=toc_offset, max_entries=max_entries
+        )
+
+    # Inflating, hashing and parsing a large TOC takes long enough to stall FUSE.
+    return await trio.to_thread.run_sync(decode)
+
+
+async def open_layer(
+    fetch_range: FetchRange,
+    cache: ChunkCache,
+    *,
+    blob_size: int,
+    toc_digest: Digest | None,
+    max_toc_size: int,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    allow_unverified: bool = False,
+    fetch_timeout: float = 30.0,
+    name: str = "layer",
+) -> RemoteLayer:
+    """`load_toc`, then a `RemoteBlob` over the same source and the shared cache."""
+    toc = await load_toc(
+        fetch_range,
+        blob_size=blob_size,
+        toc_digest=toc_digest,
+        max_toc_size=max_toc_size,
+        max_entries=max_entries,
+        allow_unverified=allow_unverified,
+        timeout=fetch_timeout,
+        name=name,
+    )
+    blob = RemoteBlob(
+        fetch_range, cache, blob_size=blob_size, fetch_timeout=fetch_timeout, name=name
+    )
+    return RemoteLayer(toc=toc, blob=blob, verified=toc_digest is not None)
+
+
+async def _fetch(fetch_range: FetchRange, start: int, end: int, name: str) -> bytes:
+    data = await fetch_range(start, end)
+    if len(data) != end - start:
+        raise ShortRead(f"{name}: range [{start}, {end}) answered with {len(data)} bytes")
+    return data
