@@ -1,0 +1,95 @@
+"""Checks on response bodies: capped reads, exact Range answers, verified manifests."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from snapshotter.digest import Digest
+from snapshotter.errors import InvalidArgument
+from snapshotter.registry.errors import (
+    ManifestInvalid,
+    RangeNotSupported,
+    RegistryRejected,
+    ShortRead,
+)
+from snapshotter.registry.manifest import Index, Manifest, parse_manifest_or_index
+
+__all__ = ["SMALL_BLOB_TRIM", "range_body", "read_capped", "verified_manifest"]
+
+# A server that ignores Range may still be used when the whole blob is this small.
+SMALL_BLOB_TRIM = 1 << 20
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
+    """The raw (undecoded) body; RegistryRejected when it exceeds `limit` bytes."""
+    try:
+        return await _read_at_most(response, limit)
+    except _TooLarge:
+        raise RegistryRejected(f"{what}: response larger than {limit} bytes") from None
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+    length = response.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _TooLarge
+    buf = bytearray()
+    async for chunk in response.aiter_raw():
+        buf += chunk
+        if len(buf) > limit:
+            raise _TooLarge
+    return bytes(buf)
+
+
+async def range_body(response: httpx.Response, start: int, end: int, what: str) -> bytes:
+    """Exactly bytes [start, end) from a 206 (or a small or whole-blob 200), else raise."""
+    want = end - start
+    if response.status_code == 206:
+        m = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+        if m is None or (int(m.group(1)), int(m.group(2))) != (start, end - 1):
+            got = response.headers.get("content-range")
+            raise ShortRead(f"{what}: answered Content-Range {got!r}")
+        try:
+            data = await _read_at_most(response, want)
+        except _TooLarge:
+            raise ShortRead(f"{what}: body longer than {want} bytes") from None
+        if len(data) != want:
+            raise ShortRead(f"{what}: got {len(data)} of {want} bytes")
+        return data
+    if response.status_code != 200:
+        raise RegistryRejected(f"{what}: unexpected HTTP {response.status_code}")
+    # The server ignored Range. Fine if we asked for the whole blob, or it is small.
+    length = response.headers.get("content-length")
+    whole = start == 0 and length is not None and length.isdigit() and int(length) == end
+    try:
+        data = await _read_at_most(response, want if whole else SMALL_BLOB_TRIM)
+    except _TooLarge:
+        raise RangeNotSupported(f"{what}: server ignores Range for a large blob") from None
+    if len(data) < end:
+        raise ShortRead(f"{what}: whole blob has only {len(data)} bytes")
+    return data[start:end]
+
+
+def verified_manifest(
+    response: httpx.Response, raw: bytes, expected: Digest | None, size: int | None, what: str
+) -> Manifest | Index:
+    """Parse a manifest after checking it hashes to what was asked (or what the server says)."""
+    if size is not None and len(raw) != size:
+        raise ShortRead(f"{what}: {len(raw)} bytes, descriptor says {size}")
+    digest = expected
+    if digest is None:
+        header = response.headers.get("docker-content-digest")
+        try:
+            digest = Digest.parse(header) if header else None
+        except InvalidArgument:
+            raise ManifestInvalid(f"{what}: invalid Docker-Content-Digest header") from None
+        if digest is None:
+            digest = Digest.of(raw)
+    digest.check(raw, what)
+    return parse_manifest_or_index(raw, digest, response.headers.get("content-type", ""))
