@@ -199,8 +199,8 @@ class _TocParser:
                 return None
             raise _fail(i, name, f"duplicate entry ({self.entries[pos].type}, then {typ})")
         if typ == "reg":
-            entry = self._reg(i, raw, name, common)
-        elif typ == "symlink":
+            return self._reg(i, raw, name, common)
+        if typ == "symlink":
             target = raw.get("linkName")
             if not isinstance(target, str) or not target or "\0" in target:
                 raise _fail(i, name, f"bad symlink target {target!r}")
@@ -233,11 +233,12 @@ class _TocParser:
         elif self.entries[pos].type != "dir":
             raise _fail(i, name, f"parent {parent!r} is a {self.entries[pos].type}")
 
-    def _reg(self, i: int, raw: dict[str, Any], name: str, common: dict[str, Any]) -> Entry:
+    def _reg(self, i: int, raw: dict[str, Any], name: str, common: dict[str, Any]) -> None:
         size = _int(raw, "size", i)
         digest = _digest(raw, "digest", i, name, required=False)
         if size == 0:
-            return Entry(name, "reg", digest=digest, **common)
+            self._add(Entry(name, "reg", digest=digest, **common))
+            return
         if raw.get("chunkOffset", 0) != 0:
             raise _fail(i, name, "the reg entry must hold the chunk at file offset 0")
         first = self._raw_chunk(i, raw, name)
@@ -247,7 +248,6 @@ class _TocParser:
         pos = self._add(Entry(name, "reg", size=size, digest=digest, **common))
         self.chunks[pos] = [first]
         self.open_reg = pos
-        return self.entries[pos]
 
     def _raw_chunk(self, i: int, raw: dict[str, Any], name: str) -> _RawChunk:
         offset = _int(raw, "offset", i)
