@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 
 import trio
 
@@ -92,7 +93,8 @@ class LayerBuilder:
         return FakeChunkReader(self.chunks)
 
 
-BIG = bytes(range(256)) * 3000  # 768000 bytes: three 256 KiB chunks, the last one short
+# 768000 bytes in three 256 KiB chunks, the last one short; random so no two chunks match
+BIG = random.Random(7).randbytes(768000)
 BIG_CHUNK = 256 << 10
 
 

@@ -1,0 +1,312 @@
+"""pyfuse3 request handlers over a `Repository`: the only place FUSE names are bytes.
+
+Translates tree nodes into kernel attributes and error categories into errno, once,
+in `_ERRNO`. Read-only: every modifying request answers EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from snapshotter import errors
+from snapshotter.format.toc import Entry
+from snapshotter.fs.repository import AttachedLayer, Repository
+from snapshotter.fs.tree import ROOT, Node
+
+__all__ = ["ATTR_TIMEOUT", "RepositoryOperations"]
+
+log = logging.getLogger(__name__)
+
+# Layers are immutable, so the kernel may cache names and attributes inside a layer for
+# as long as it likes; only the repository root changes (attach/detach), and its
+# entries are revalidated on every path walk (timeout 0) so a detached or re-attached
+# layer id never resolves to a stale directory. That costs one lookup per path walk
+# through <mount>/<id>; overlayfs holds its lowerdir dentries and does not walk.
+ATTR_TIMEOUT = 24 * 3600.0
+_ROOT_TIMEOUT = 0.0
+
+# category -> (errno for metadata requests, errno for reads of file contents).
+# A read(2) that fails for any reason outside the caller's control is EIO: ENOENT or
+# EACCES from read(2) would send people looking at the wrong file.
+_ERRNO: dict[type[errors.LazysnapError], tuple[int, int]] = {
+    errors.NotFound: (errno.ENOENT, errno.EIO),
+    errors.AlreadyExists: (errno.EEXIST, errno.EIO),
+    errors.FailedPrecondition: (errno.EIO, errno.EIO),
+    errors.InvalidArgument: (errno.EINVAL, errno.EIO),
+    errors.Unavailable: (errno.EIO, errno.EIO),
+    errors.NotImplementedYet: (errno.ENOSYS, errno.EIO),
+    errors.PermissionDenied: (errno.EACCES, errno.EIO),
+    errors.DataLoss: (errno.EIO, errno.EIO),
+    errors.ClosedError: (errno.EIO, errno.EIO),
+}
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def errno_for(exc: BaseException, *, read: bool = False) -> int:
+    """The errno a request answers for `exc`; EIO for anything uncategorised."""
+    cat = errors.category(exc)
+    if cat is None:
+        return errno.EIO
+    return _ERRNO[cat][1 if read else 0]
+
+
+def _handler(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+    """Let only FUSEError out: anything else would end pyfuse3.main for everyone."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except errors.LazysnapError as exc:
+            log.warning("%s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def _rofs(self: Any, *args: Any) -> Any:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+@dataclass(slots=True)
+class _OpenFile:
+    layer: AttachedLayer
+    entry: Entry
+    path: str  # for log messages
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+class RepositoryOperations(pyfuse3.Operations):
+    """Serves a `Repository` read-only; see `fs.mount.run_repository` for the lifecycle.
+
+    Reads fetch only the chunks a request covers; open files set `keep_cache` so the
+    page cache survives close and reopen. A read that has not finished after
+    `read_timeout` seconds answers EIO (the fetch behind it may go on for others).
+    Lookup counts are not tracked: inodes are derived from immutable trees and never
+    reused, so `forget` has nothing to free.
+    """
+
+    def __init__(self, repository: Repository, *, read_timeout: float = 30.0) -> None:
+        super().__init__()
+        self.repository = repository
+        self.read_timeout = read_timeout
+        self._files: dict[int, _OpenFile] = {}
+        self._dirs: dict[int, tuple[AttachedLayer | None, int]] = {}
+        self._handles = itertools.count(1)
+
+    # -- attributes ------------------------------------------------------------------
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.ROOT_INODE
+        a.entry_timeout = a.attr_timeout = _ROOT_TIMEOUT
+        a.st_mode = 0o40755
+        a.st_nlink = 2 + len(self.repository.layers())
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.repository.changed_ns
+        return a
+
+    def _attrs(self, layer: AttachedLayer, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = layer.ino(node.ino)
+        a.attr_timeout = ATTR_TIMEOUT
+        a.entry_timeout = _ROOT_TIMEOUT if node.ino == ROOT else ATTR_TIMEOUT
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = node.rdev
+        a.st_size = node.size
+        a.st_blksize = 4096
+        a.st_blocks = (node.size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+        return a
+
+    def _resolve(self, ino: int) -> tuple[AttachedLayer, int]:
+        found = self.repository.resolve(ino)
+        if found is None:  # never existed, or its layer was detached
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return found
+
+    def _node_attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        if ino == pyfuse3.ROOT_INODE:
+            return self._root_attrs()
+        layer, local = self._resolve(ino)
+        return self._attrs(layer, layer.tree.node(local))
+
+    # -- names -----------------------------------------------------------------------
+
+    @_handler
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._node_attrs(parent_inode)
+        if parent_inode == pyfuse3.ROOT_INODE:
+            if name == b"..":
+                return self._root_attrs()
+            layer = self.repository.layer(os.fsdecode(name))
+            if layer is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attrs(layer, layer.tree.node(ROOT))
+        layer, local = self._resolve(parent_inode)
+        if name == b"..":
+            up = layer.tree.parent(local)
+            return self._attrs(layer, layer.tree.node(up)) if up else self._root_attrs()
+        child = layer.tree.lookup(local, os.fsdecode(name))
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(layer, layer.tree.node(child))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None
+
+    @_handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._node_attrs(inode)
+
+    @_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        layer, local = self._resolve(inode)
+        node = layer.tree.node(local)
+        if node.entry.type != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.target)
+
+    # -- directories -----------------------------------------------------------------
+
+    @_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode == pyfuse3.ROOT_INODE:
+            held: tuple[AttachedLayer | None, int] = (None, 0)
+        else:
+            layer, local = self._resolve(inode)
+            if layer.tree.entry(local).type != "dir":
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            held = (layer, local)
+        fh = next(self._handles)
+        self._dirs[fh] = held
+        return fh
+
+    @_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        held = self._dirs.get(fh)
+        if held is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        layer, local = held
+        if layer is None:
+            # Offsets are slots: never reused, so attach/detach between calls can
+            # neither repeat nor skip a layer that stays attached.
+            for attached in self.repository.layers():
+                if attached.slot <= start_id:
+                    continue
+                attrs = self._attrs(attached, attached.tree.node(ROOT))
+                name = os.fsencode(attached.layer_id)
+                if not pyfuse3.readdir_reply(token, name, attrs, attached.slot):
+                    return
+            return
+        for pos, name, child in layer.tree.children(local, start_id):
+            attrs = self._attrs(layer, layer.tree.node(child))
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, pos + 1):
+                return
+
+    @_handler
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files -----------------------------------------------------------------------
+
+    @_handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        layer, local = self._resolve(inode)
+        entry = layer.tree.entry(local)
+        if entry.type == "dir":
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if entry.type != "reg":  # devices and fifos never reach us; be safe anyway
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        fh = next(self._handles)
+        self._files[fh] = _OpenFile(layer, entry, f"{layer.layer_id}/{entry.name}")
+        layer.open_files += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self._files.get(fh)
+        if f is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            with trio.fail_after(self.read_timeout):
+                return await self.repository.read(f.layer, f.entry, off, size)
+        except trio.TooSlowError:
+            failure, code = f"no data after {self.read_timeout:g} s", errno.EIO
+        except errors.LazysnapError as exc:
+            failure, code = str(exc), errno_for(exc, read=True)
+        f.layer.read_errors += 1
+        log.warning("read %s [%d, +%d]: %s", f.path, off, size, failure)
+        raise pyfuse3.FUSEError(code)
+
+    @_handler
+    async def release(self, fh: int) -> None:
+        f = self._files.pop(fh, None)
+        if f is not None:
+            f.layer.open_files -= 1
+
+    # -- extended attributes, statfs -------------------------------------------------
+
+    def _xattrs(self, inode: int) -> dict[str, bytes]:
+        if inode == pyfuse3.ROOT_INODE:
+            return {}
+        layer, local = self._resolve(inode)
+        return layer.tree.xattrs(local)
+
+    @_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._xattrs(inode).get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @_handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(k) for k in self._xattrs(inode)]
+
+    @_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        layers = self.repository.layers()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = sum((la.tree.total_size + 4095) // 4096 for la in layers)
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = 1 + sum(len(la.tree) for la in layers)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- read-only -------------------------------------------------------------------
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _rofs  # type: ignore[assignment]
+    write = create = setxattr = removexattr = _rofs  # type: ignore[assignment]

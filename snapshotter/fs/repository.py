@@ -1,0 +1,281 @@
+"""The set of layers the repository mount shows, and the read path into their chunks.
+
+Knows trees, inode numbering and `ChunkReader`s; knows nothing of pyfuse3 (`fs/ops.py`
+adapts it) nor of where chunks come from (`remote/` implements `ChunkReader`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from snapshotter.errors import AlreadyExists, DataLoss, InvalidArgument, LazysnapError, NotFound
+from snapshotter.format.toc import Chunk, Entry, Toc
+from snapshotter.fs.tree import LayerTree
+
+__all__ = [
+    "REPOSITORY_ROOT",
+    "AttachedLayer",
+    "ChunkReader",
+    "LayerExists",
+    "LayerNotFound",
+    "LayerStatistics",
+    "Repository",
+    "ShortChunk",
+]
+
+log = logging.getLogger(__name__)
+
+REPOSITORY_ROOT = 1  # == pyfuse3.ROOT_INODE; the directory listing layer ids
+_SLOT_SHIFT = 32  # global inode = slot << 32 | local inode
+_LOCAL_MASK = (1 << _SLOT_SHIFT) - 1
+
+
+class ChunkReader(Protocol):
+    """Where one layer's file contents come from.
+
+    `await read_chunk(chunk)` returns the uncompressed bytes of `chunk`, exactly
+    `chunk.size` of them, already checked against `chunk.digest`. It raises error
+    categories from `snapshotter.errors` (DataLoss for bad bytes, Unavailable when the
+    source is unreachable, ...). Concurrent calls for one chunk should share one fetch;
+    the repository relies on that rather than serialising calls itself. The call may be
+    cancelled (read timeout) and must stay usable afterwards.
+    `remote.blob.RemoteBlob` is the production implementation.
+    """
+
+    async def read_chunk(self, chunk: Chunk) -> bytes: ...
+
+
+class LayerExists(AlreadyExists):
+    """A layer with this id is attached already."""
+
+
+class LayerNotFound(NotFound):
+    """No layer with this id is attached."""
+
+
+class ShortChunk(DataLoss):
+    """A ChunkReader returned the wrong number of bytes for a chunk."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStatistics:
+    layer_id: str
+    inodes: int
+    size: int  # bytes of regular file content in the layer
+    bytes_read: int  # bytes returned to the kernel by read requests
+    chunks_read: int  # chunks asked of the layer's ChunkReader
+    memo_hits: int  # chunks served from the repository's in-memory memo instead
+    read_errors: int  # read requests that failed (error or timeout)
+    open_files: int
+
+
+class AttachedLayer:
+    """One attached layer: its tree, reader, inode slot and counters (for fs/ops.py)."""
+
+    __slots__ = (
+        "bytes_read",
+        "chunks_read",
+        "layer_id",
+        "memo_hits",
+        "open_files",
+        "read_errors",
+        "reader",
+        "slot",
+        "tree",
+    )
+
+    def __init__(self, layer_id: str, slot: int, tree: LayerTree, reader: ChunkReader) -> None:
+        self.layer_id = layer_id
+        self.slot = slot
+        self.tree = tree
+        self.reader = reader
+        self.bytes_read = self.chunks_read = self.memo_hits = 0
+        self.read_errors = self.open_files = 0
+
+    def ino(self, local: int) -> int:
+        return self.slot << _SLOT_SHIFT | local
+
+    def statistics(self) -> LayerStatistics:
+        return LayerStatistics(
+            layer_id=self.layer_id,
+            inodes=len(self.tree),
+            size=self.tree.total_size,
+            bytes_read=self.bytes_read,
+            chunks_read=self.chunks_read,
+            memo_hits=self.memo_hits,
+            read_errors=self.read_errors,
+            open_files=self.open_files,
+        )
+
+
+class Repository:
+    """The layers shown under the repository mount, `<mount>/<layer_id>/`.
+
+    Lifecycle: create it, hand it to `fs.mount.run_repository`, then `attach` and
+    `detach` layers at any time, mounted or not. A layer id is a short string that is a
+    valid file name (the daemon uses snapshot ids such as "12").
+
+    Threading: every method must run in the trio thread that serves the mount (all state
+    is plain dicts that the FUSE handlers read without locks). From another thread:
+    `trio.from_thread.run_sync(repo.attach, "12", tree, reader, trio_token=token)`.
+    Build the `LayerTree` in that other thread first (`LayerTree.from_toc` takes a
+    while for big layers); passing a `Toc` builds it in the trio thread.
+
+    Inodes: the mount root is 1; a layer's inode is `slot << 32 | local inode`. Slots are
+    never reused, so an inode the kernel still remembers after a detach can never name
+    a file of another layer; it just stops resolving.
+
+    Reads: `read(layer, entry, off, size)` maps a byte range onto the entry's chunks,
+    asks the layer's reader for each chunk it needs (concurrently when there are
+    several), and keeps the last few chunks in a memo shared by all layers (keyed by
+    digest, `memo_bytes` in total) because the kernel reads a 4 MiB chunk in 128 KiB
+    requests and each would otherwise re-read and re-verify the whole chunk.
+
+        repo = Repository()
+        repo.attach("12", LayerTree.from_toc(toc), blob)
+        repo.layer_ids()          # ["12"]
+        repo.statistics("12")     # LayerStatistics(...)
+        repo.detach("12")
+    """
+
+    def __init__(self, *, memo_bytes: int = 32 << 20) -> None:
+        self._layers: dict[str, AttachedLayer] = {}
+        self._by_slot: dict[int, AttachedLayer] = {}
+        self._slots = itertools.count(1)
+        self._memo: OrderedDict[str, bytes] = OrderedDict()
+        self._memo_size = 0
+        self._memo_max = memo_bytes
+        self.changed_ns = time.time_ns()  # the root directory's mtime: last attach/detach
+
+    # -- attach/detach ---------------------------------------------------------------
+
+    def attach(self, layer_id: str, tree: LayerTree | Toc, reader: ChunkReader) -> None:
+        """Show `tree` as `<mount>/<layer_id>/`; raises LayerExists or InvalidArgument."""
+        if not layer_id or "/" in layer_id or layer_id in (".", "..") or "\0" in layer_id:
+            raise InvalidArgument(f"layer id {layer_id!r} is not a valid file name")
+        if layer_id in self._layers:
+            raise LayerExists(f"layer {layer_id!r} is attached already")
+        if isinstance(tree, Toc):
+            tree = LayerTree.from_toc(tree)
+        layer = AttachedLayer(layer_id, next(self._slots), tree, reader)
+        self._layers[layer_id] = layer
+        self._by_slot[layer.slot] = layer
+        self.changed_ns = time.time_ns()
+        log.debug("attached layer %s (slot %d, %d inodes)", layer_id, layer.slot, len(tree))
+
+    def detach(self, layer_id: str) -> None:
+        """Stop showing the layer; open files keep reading until released."""
+        layer = self._layers.pop(layer_id, None)
+        if layer is None:
+            raise LayerNotFound(f"layer {layer_id!r} is not attached")
+        del self._by_slot[layer.slot]
+        self.changed_ns = time.time_ns()
+        log.debug("detached layer %s (slot %d)", layer_id, layer.slot)
+
+    def layer_ids(self) -> list[str]:
+        """Attached ids, oldest first."""
+        return list(self._layers)
+
+    def statistics(self, layer_id: str) -> LayerStatistics:
+        layer = self._layers.get(layer_id)
+        if layer is None:
+            raise LayerNotFound(f"layer {layer_id!r} is not attached")
+        return layer.statistics()
+
+    # -- for fs/ops.py ----------------------------------------------------------------
+
+    def layers(self) -> Sequence[AttachedLayer]:
+        """Attached layers in slot order (a stable readdir order for the root)."""
+        return list(self._by_slot.values())
+
+    def layer(self, layer_id: str) -> AttachedLayer | None:
+        return self._layers.get(layer_id)
+
+    def resolve(self, ino: int) -> tuple[AttachedLayer, int] | None:
+        """The attached layer and local inode behind a global inode, or None."""
+        layer = self._by_slot.get(ino >> _SLOT_SHIFT)
+        if layer is None:
+            return None
+        local = ino & _LOCAL_MASK
+        if not 1 <= local <= len(layer.tree):
+            return None
+        return layer, local
+
+    async def read(self, layer: AttachedLayer, entry: Entry, off: int, size: int) -> bytes:
+        """Bytes [off, off+size) of a regular file, short only at end of file."""
+        end = min(off + size, entry.size)
+        if off >= end:
+            return b""
+        chunks = entry.chunks
+        first = bisect_right(chunks, off, key=_chunk_offset) - 1
+        last = bisect_right(chunks, end - 1, key=_chunk_offset) - 1
+        if first < 0 or chunks[last].chunk_offset + chunks[last].size < end:
+            raise ShortChunk(f"file {entry.name!r}: no chunk covers bytes [{off}, {end})")
+        wanted = chunks[first : last + 1]
+        if len(wanted) == 1:
+            parts = [await self._chunk(layer, entry, wanted[0])]
+        else:
+            parts = await self._chunks(layer, entry, wanted)
+        data = b"".join(parts) if len(parts) > 1 else parts[0]
+        start = off - wanted[0].chunk_offset
+        out = data[start : start + (end - off)]
+        layer.bytes_read += len(out)
+        return out
+
+    async def _chunks(
+        self, layer: AttachedLayer, entry: Entry, wanted: Sequence[Chunk]
+    ) -> list[bytes]:
+        """Several chunks at once; the first error is raised as itself, not as a group."""
+        parts: list[bytes] = [b""] * len(wanted)
+        failures: list[LazysnapError] = []
+
+        async def fetch(i: int) -> None:
+            try:
+                parts[i] = await self._chunk(layer, entry, wanted[i])
+            except LazysnapError as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(wanted)):
+                nursery.start_soon(fetch, i)
+        if failures:
+            raise failures[0]
+        return parts
+
+    async def _chunk(self, layer: AttachedLayer, entry: Entry, chunk: Chunk) -> bytes:
+        data = self._memo.get(chunk.digest)
+        if data is not None:
+            self._memo.move_to_end(chunk.digest)
+            layer.memo_hits += 1
+            return data
+        layer.chunks_read += 1
+        data = await layer.reader.read_chunk(chunk)
+        if len(data) != chunk.size:
+            raise ShortChunk(
+                f"file {entry.name!r}: chunk {chunk.digest} at {chunk.chunk_offset} has "
+                f"{len(data)} bytes, expected {chunk.size}"
+            )
+        self._remember(chunk.digest, data)
+        return data
+
+    def _remember(self, digest: str, data: bytes) -> None:
+        if len(data) > self._memo_max or digest in self._memo:
+            return
+        self._memo[digest] = data
+        self._memo_size += len(data)
+        while self._memo_size > self._memo_max:
+            _, old = self._memo.popitem(last=False)
+            self._memo_size -= len(old)
+
+
+def _chunk_offset(chunk: Chunk) -> int:
+    return chunk.chunk_offset
