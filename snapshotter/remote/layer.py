@@ -6,6 +6,7 @@ or served; format/ does the byte-level work, this module only fetches and decide
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -13,7 +14,14 @@ import trio
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.digest import Digest
 from snapshotter.errors import InvalidArgument, Unavailable
-from snapshotter.format.estargz import FOOTER_SIZE, parse_footer, parse_toc, read_toc_json
+from snapshotter.format.estargz import (
+    FOOTER_SIZE,
+    LEGACY_FOOTER_SIZE,
+    InvalidFooter,
+    parse_footer,
+    parse_toc,
+    read_toc_json,
+)
 from snapshotter.format.toc import Toc
 from snapshotter.remote.blob import FetchRange, RemoteBlob, ShortRead
 
@@ -64,6 +72,7 @@ async def load_toc(
     allow_unverified: bool = False,
     timeout: float = 30.0,
     name: str = "layer",
+    raw_sink: Callable[[bytes], None] | None = None,
 ) -> Toc:
     """The validated TOC of the eStargz blob behind `fetch_range`.
 
@@ -72,10 +81,13 @@ async def load_toc(
     no digest, raise TocDigestMissing unless `allow_unverified`. A blob that is not
     eStargz raises InvalidFooter, a malformed or hostile TOC InvalidTOC (both
     InvalidArgument: the caller falls back to a normal pull); the fetches together are
-    bounded by `timeout` (TocFetchTimeout).
+    bounded by `timeout` (TocFetchTimeout). `raw_sink`, if given, receives the TOC JSON
+    once it has been verified and parsed (to keep it for restarts).
     """
     if toc_digest is None and not allow_unverified:
         raise TocDigestMissing(f"{name}: no toc digest; refusing to serve an unverified layer")
+    if blob_size < LEGACY_FOOTER_SIZE:
+        raise InvalidFooter(f"{name}: not an eStargz layer: blob of {blob_size} bytes")
     try:
         with trio.fail_after(timeout):
             tail_start = max(0, blob_size - FOOTER_SIZE)
@@ -96,9 +108,10 @@ async def load_toc(
         raw = read_toc_json(member, max_size=max_toc_size)
         if toc_digest is not None:
             toc_digest.check(raw, f"{name}: toc")
-        return parse_toc(
-            raw, blob_size=blob_size, toc_offset=toc_offset, max_entries=max_entries
-        )
+        toc = parse_toc(raw, blob_size=blob_size, toc_offset=toc_offset, max_entries=max_entries)
+        if raw_sink is not None:
+            raw_sink(raw)
+        return toc
 
     # Inflating, hashing and parsing a large TOC takes long enough to stall FUSE.
     return await trio.to_thread.run_sync(decode)

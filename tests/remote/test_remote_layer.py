@@ -1,0 +1,195 @@
+"""load_toc / open_layer over a fake registry serving eStargz blobs built by format/build.py."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+
+import pytest
+import trio
+
+from snapshotter.digest import Digest
+from snapshotter.errors import DataLoss, InvalidArgument, Unavailable
+from snapshotter.format.build import build_estargz
+from snapshotter.format.estargz import InvalidFooter
+from snapshotter.remote.blob import ShortRead
+from snapshotter.remote.layer import (
+    TocDigestMissing,
+    TocFetchTimeout,
+    TocTooLarge,
+    load_toc,
+    open_layer,
+)
+
+CHUNK = 4096
+FILES = {
+    "etc/hello.txt": b"hello, lazy world\n",
+    "usr/lib/big.bin": b"".join(i.to_bytes(4, "big") for i in range(4481)),  # 5 chunks
+    "usr/lib/zeros": bytes(3 * CHUNK + 10),  # chunks that share one digest
+    "usr/lib/empty": b"",
+}
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for dirname in ("etc", "usr", "usr/lib"):
+            info = tarfile.TarInfo(dirname)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tf.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("etc/link")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "hello.txt"
+        tf.addfile(link)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def layer() -> tuple[bytes, Digest]:
+    out = io.BytesIO()
+    result = build_estargz(io.BytesIO(_tar(FILES)), out, chunk_size=CHUNK)
+    blob = out.getvalue()
+    assert result.size == len(blob)
+    return blob, result.toc_digest
+
+
+async def _load(source, toc_digest, **kw):  # type: ignore[no-untyped-def]
+    kw.setdefault("max_toc_size", 1 << 20)
+    return await load_toc(source, blob_size=len(source.blob), toc_digest=toc_digest, **kw)
+
+
+async def test_good_toc_is_verified_and_parsed_in_two_fetches(layer, fake_source) -> None:
+    blob, toc_digest = layer
+    source = fake_source(blob)
+    kept: list[bytes] = []
+    toc = await _load(source, toc_digest, raw_sink=kept.append)
+    assert len(kept) == 1 and Digest.of(kept[0]) == toc_digest
+    names = {e.name: e for e in toc.entries}
+    assert {"etc", "etc/hello.txt", "etc/link", "usr/lib/big.bin", "usr/lib/empty"} <= set(names)
+    assert names["etc/link"].link_name == "hello.txt"
+    assert len(names["usr/lib/big.bin"].chunks) == 5
+    assert len({c.digest for c in names["usr/lib/zeros"].chunks}) == 2
+    assert toc.blob_size == len(blob)
+    assert len(source.calls) == 2
+    assert source.calls[0][1] == len(blob)
+
+
+async def test_open_layer_serves_every_file_exactly(layer, fake_source, cache) -> None:
+    blob, toc_digest = layer
+    source = fake_source(blob)
+    opened = await open_layer(
+        source, cache, blob_size=len(blob), toc_digest=toc_digest, max_toc_size=1 << 20
+    )
+    assert opened.verified
+    for entry in opened.toc.entries:
+        if entry.type == "reg":
+            parts = await opened.blob.read_chunks(entry.chunks)
+            assert b"".join(parts) == FILES[entry.name], entry.name
+    before = len(source.calls)
+    big = opened.toc.by_name()["usr/lib/big.bin"]
+    assert b"".join(await opened.blob.read_chunks(big.chunks)) == FILES["usr/lib/big.bin"]
+    assert len(source.calls) == before  # all from the cache now
+
+
+async def test_wrong_toc_digest_is_data_loss(layer, fake_source) -> None:
+    blob, _ = layer
+    kept: list[bytes] = []
+    with pytest.raises(DataLoss):
+        await _load(fake_source(blob), Digest.of(b"some other toc"), raw_sink=kept.append)
+    assert kept == []
+
+
+async def test_missing_toc_digest_is_refused_before_any_fetch(layer, fake_source) -> None:
+    blob, _ = layer
+    source = fake_source(blob)
+    with pytest.raises(TocDigestMissing) as info:
+        await _load(source, None)
+    assert isinstance(info.value, InvalidArgument)
+    assert source.calls == []
+
+
+async def test_missing_toc_digest_allowed_when_configured(layer, fake_source, cache) -> None:
+    blob, _ = layer
+    source = fake_source(blob)
+    opened = await open_layer(
+        source,
+        cache,
+        blob_size=len(blob),
+        toc_digest=None,
+        max_toc_size=1 << 20,
+        allow_unverified=True,
+    )
+    assert not opened.verified
+    assert opened.toc.entries
+
+
+@pytest.mark.parametrize("cut", [1, 30, 51])
+async def test_blob_cut_short_is_not_estargz(layer, fake_source, cut) -> None:
+    blob, toc_digest = layer
+    with pytest.raises(InvalidFooter):
+        await _load(fake_source(blob[:-cut]), toc_digest)
+
+
+async def test_toc_member_cut_short_is_data_loss(layer, fake_source) -> None:
+    blob, toc_digest = layer
+    tail = blob[-51:]
+    toc_offset = int(tail[16:32], 16)
+    damaged = blob[: toc_offset + 40] + tail
+    with pytest.raises(DataLoss):
+        await _load(fake_source(damaged), toc_digest)
+
+
+async def test_source_answering_short_is_data_loss(layer, fake_source) -> None:
+    blob, toc_digest = layer
+    with pytest.raises(ShortRead):
+        await _load(fake_source(blob, ["ok", "short"]), toc_digest)
+
+
+async def test_corrupt_toc_bytes_are_data_loss(layer, fake_source) -> None:
+    blob, toc_digest = layer
+    with pytest.raises(DataLoss):
+        await _load(fake_source(blob, ["ok", "corrupt"]), toc_digest)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [b"", b"tiny", gzip.compress(_tar(FILES)), b"\0" * 4096],
+    ids=["empty", "tiny", "plain-gzip-tar", "zeros"],
+)
+async def test_not_estargz_is_invalid_footer(fake_source, blob) -> None:
+    source = fake_source(blob)
+    with pytest.raises(InvalidFooter):
+        await _load(source, Digest.of(b"x"))
+    assert all(start < end for start, end in source.calls)  # never an empty range
+
+
+async def test_toc_over_the_size_limit_is_refused(layer, fake_source) -> None:
+    blob, toc_digest = layer
+    with pytest.raises(InvalidArgument):
+        await _load(fake_source(blob), toc_digest, max_toc_size=64)
+
+
+async def test_toc_member_over_the_limit_is_refused_before_fetching(fake_source) -> None:
+    from snapshotter.format.estargz import footer_bytes
+
+    blob = b"\0" * (300 << 10) + footer_bytes(0)
+    source = fake_source(blob)
+    with pytest.raises(TocTooLarge):
+        await _load(source, Digest.of(b"x"), max_toc_size=1024)
+    assert len(source.calls) == 1
+
+
+async def test_hanging_registry_times_out(layer, fake_source) -> None:
+    blob, toc_digest = layer
+    source = fake_source(blob, ["ok", "hang"])
+    with pytest.raises(TocFetchTimeout) as info:
+        await _load(source, toc_digest, timeout=0.3)
+    assert isinstance(info.value, Unavailable)
+    await trio.lowlevel.checkpoint()
