@@ -193,3 +193,57 @@ async def test_hanging_registry_times_out(layer, fake_source) -> None:
         await _load(source, toc_digest, timeout=0.3)
     assert isinstance(info.value, Unavailable)
     await trio.lowlevel.checkpoint()
+
+
+def _build(files: dict[str, bytes], **kw) -> tuple[bytes, Digest]:  # type: ignore[no-untyped-def]
+    out = io.BytesIO()
+    result = build_estargz(io.BytesIO(_tar(files)), out, chunk_size=CHUNK, **kw)
+    return out.getvalue(), result.toc_digest
+
+
+async def _open(source, cache, toc_digest):  # type: ignore[no-untyped-def]
+    return await open_layer(
+        source, cache, blob_size=len(source.blob), toc_digest=toc_digest, max_toc_size=1 << 20
+    )
+
+
+async def test_two_layers_sharing_a_file_fetch_its_chunks_once(fake_source, cache) -> None:
+    shared = FILES["usr/lib/big.bin"]
+    blob_a, toc_a = _build({"a.txt": b"only in a" * 50, "usr/lib/big.bin": shared})
+    blob_b, toc_b = _build({"usr/lib/big.bin": shared, "b.txt": b"only in b" * 70})
+    src_a, src_b = fake_source(blob_a), fake_source(blob_b)
+    layer_a, layer_b = await _open(src_a, cache, toc_a), await _open(src_b, cache, toc_b)
+    assert len(src_b.calls) == 2  # footer and toc only
+
+    big_a = layer_a.toc.by_name()["usr/lib/big.bin"]
+    big_b = layer_b.toc.by_name()["usr/lib/big.bin"]
+    assert [c.offset for c in big_a.chunks] != [c.offset for c in big_b.chunks]
+    async with trio.open_nursery() as nursery:
+        for chunk in big_a.chunks:
+            nursery.start_soon(layer_a.blob.read_chunk, chunk)
+        for chunk in big_b.chunks:
+            nursery.start_soon(layer_b.blob.read_chunk, chunk)
+    fetched = layer_a.blob.statistics().chunks_fetched + layer_b.blob.statistics().chunks_fetched
+    assert fetched == len(big_a.chunks)
+    assert b"".join(await layer_b.blob.read_chunks(big_b.chunks)) == shared
+    assert b"".join(await layer_a.blob.read_chunks(big_a.chunks)) == shared
+
+
+async def test_landmark_prefetch_fetches_exactly_the_prioritized_files(fake_source, cache) -> None:
+    from snapshotter.remote.prefetch import plan_prefetch, prefetch
+
+    blob, toc_digest = _build(FILES, prioritized=["etc/hello.txt", "usr/lib/big.bin"])
+    source = fake_source(blob)
+    layer = await _open(source, cache, toc_digest)
+    plan = plan_prefetch(layer.toc, size=0)
+    assert plan.reason == "landmark"
+    by_name = layer.toc.by_name()
+    wanted = {c.digest for n in ("etc/hello.txt", "usr/lib/big.bin") for c in by_name[n].chunks}
+    assert {c.digest for c in plan.chunks} == wanted
+    result = await prefetch(layer.blob, plan)
+    assert result.failed == 0
+    assert len(source.calls) == 3  # footer, toc, one range for the prefetch
+    assert source.calls[2][0] < source.calls[2][1] <= layer.toc.prefetch_landmark
+    for name in ("etc/hello.txt", "usr/lib/big.bin"):
+        assert b"".join(await layer.blob.read_chunks(by_name[name].chunks)) == FILES[name]
+    assert len(source.calls) == 3
