@@ -7,6 +7,7 @@ speaking to `lazysnap serve`) and the whole suite runs against it. Checks marked
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import bad_input_checks
 import layer_checks
 import pytest
 import snapshotter_suite
+from grpc_client import GrpcSnapshotter
 from harness import assert_consistent
 from mounting import unmount_under
 
@@ -25,7 +27,18 @@ MODULES = (snapshotter_suite, layer_checks, bad_input_checks)
 
 FACTORIES: dict[str, Callable[[Path], Any]] = {
     "core": lambda root: Snapshotter(root),
+    "grpc": lambda root: GrpcSnapshotter(root, root.parent / "snapshots.sock"),
 }
+
+
+class _RefusalsExpected(logging.Filter):
+    """The servicer logs refused requests (bad input the checks send on purpose) at
+    WARNING; mark those as expected so only ERRORs still fail the test."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING:
+            record.expected = True
+        return True
 
 
 def _checks() -> list[Any]:
@@ -44,8 +57,14 @@ def _checks() -> list[Any]:
 
 
 @pytest.fixture(params=sorted(FACTORIES))
-def factory(request: pytest.FixtureRequest) -> Callable[[Path], Any]:
-    return FACTORIES[request.param]
+def factory(request: pytest.FixtureRequest) -> Iterator[Callable[[Path], Any]]:
+    servicer_log = logging.getLogger("snapshotter.service.snapshots")
+    refusals = _RefusalsExpected()
+    servicer_log.addFilter(refusals)
+    try:
+        yield FACTORIES[request.param]
+    finally:
+        servicer_log.removeFilter(refusals)
 
 
 @pytest.fixture
