@@ -148,6 +148,43 @@ def check_snapshotter_prepare_view(sn: Any, work: Path) -> None:
     assert_consistent(work)
 
 
+@needs_mounts
+def check_remove_intermediate_snapshot(sn: Any, work: Path) -> None:
+    """base <- inter <- top: the middle goes only after the top, even while the first
+    active was still mounted when it was committed."""
+    base = _k(work, "base")
+    committed_base, inter = _k(work, "committed-base"), _k(work, "intermediate")
+    committed_inter, top = _k(work, "committed-inter"), _k(work, "toplayer")
+    with mounted(sn.prepare(base, "", labels=opt()), Path(base)):
+        sn.commit(committed_base, base, labels=opt())
+        sn.prepare(inter, committed_base, labels=opt())
+        sn.commit(committed_inter, inter, labels=opt())
+        sn.prepare(top, committed_inter, labels=opt())
+        with pytest.raises(FailedPrecondition):
+            sn.remove(committed_inter)
+        sn.remove(top)
+        sn.remove(committed_inter)
+    sn.remove(committed_base)
+    assert sn.walk() == []
+
+
+def check_commit_labels_and_times(sn: Any, work: Path) -> None:
+    """bolt.go CommitActive: the committed snapshot gets the labels passed to Commit only
+    ("replace labels, do not inherit") and fresh created == updated times."""
+    sn.prepare("a", "", labels=opt(active="1"))
+    before = sn.stat("a")
+    t1 = datetime.now(UTC)
+    sn.commit("c", "a", labels=opt(committed="1"))
+    t2 = datetime.now(UTC)
+    si = sn.stat("c")
+    assert si.labels == opt(committed="1")
+    assert si.created is not None and before.created is not None
+    assert t1 <= si.created <= t2 and si.updated == si.created
+    sn.prepare("a2", "", labels=opt(active="1"))
+    sn.commit("c2", "a2")
+    assert sn.stat("c2").labels == {}
+
+
 def _base_snapshots(sn: Any) -> None:
     """c1 <- c2 committed; a1 active on c2, a2 active alone; v1 view on c2, v2 view alone."""
     sn.prepare("c1-a", "", labels=opt())
