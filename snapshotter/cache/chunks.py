@@ -252,7 +252,7 @@ class ChunkCache:
         flight = self._flights[digest] = _Flight()
         try:
             data = await fetch()
-            await trio.to_thread.run_sync(lambda: self.put(digest, data, what=what))
+            await trio.to_thread.run_sync(self._verify_and_keep, digest, data, what)
         except BaseException as exc:
             flight.error = exc
             raise
@@ -264,6 +264,16 @@ class ChunkCache:
             flight.done.set()
 
     # -- internals ----------------------------------------------------------------------
+
+    def _verify_and_keep(self, digest: Digest, data: bytes, what: str) -> None:
+        """Verify (DataLoss), then store if the disk lets us: verified bytes are worth
+        serving even when the cache cannot keep them (disk full, directory damaged)."""
+        self._check_open()
+        digest.check(data, what)
+        try:
+            self._store(digest, data)
+        except OSError as exc:
+            log.warning("chunk cache %s: cannot store %s: %s", self.root, digest, exc)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -299,3 +299,16 @@ async def test_waiter_takes_over_when_the_leader_is_cancelled(cache: ChunkCache)
         fetch.gate.set()
     assert got == [data]
     assert cache.statistics().in_flight == 0
+
+
+@pytest.mark.allow_log_errors
+async def test_verified_bytes_are_served_even_if_the_disk_refuses_them(cache, caplog) -> None:
+    d, data = _chunk("a")
+    (cache.root / "sha256").mkdir(exist_ok=True)
+    (cache.root / "sha256" / d.hex[:2]).write_bytes(b"a file where a directory belongs")
+    fetch = _Fetcher(data)
+    fetch.gate.set()
+    assert await cache.get_or_fetch(d, fetch) == data
+    assert d not in cache
+    assert "cannot store" in caplog.text
+    assert list((cache.root / "tmp").iterdir()) == []
