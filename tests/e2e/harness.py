@@ -253,6 +253,9 @@ class Containerd(Service):
         super().__init__(workdir)
         self.address = str(sockdir / "containerd.sock")
         self.proxy_plugins = dict(proxy_plugins)
+        # Called with each ctr command line (without address and namespace) before it runs;
+        # the quickstart demo uses it to show what it does.
+        self.trace: Callable[[list[str]], None] | None = None
 
     def config_text(self) -> str:
         disabled = ", ".join(f'"{p}"' for p in self.DISABLED_PLUGINS)
@@ -293,6 +296,8 @@ class Containerd(Service):
     ) -> subprocess.CompletedProcess[str]:
         """Run `ctr` (or `ctr-remote`) against this containerd, in the test namespace."""
         argv = [tool, "--address", self.address, "--namespace", self.namespace, *args]
+        if self.trace is not None:
+            self.trace([tool, *args])
         try:
             done = subprocess.run(
                 argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL

@@ -117,7 +117,9 @@ def _columns(row: str, n: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def start_stack(workdir: Path, snapshotter: str = "lazysnap") -> Iterator[Stack]:
+def start_stack(
+    workdir: Path, snapshotter: str = "lazysnap", show_logs: bool = True
+) -> Iterator[Stack]:
     """Start lazysnap (unless using the reference) and containerd; always tear both down.
 
     On exit, raises if any mount or process of ours survived the teardown.
@@ -150,8 +152,9 @@ def start_stack(workdir: Path, snapshotter: str = "lazysnap") -> Iterator[Stack]
         leftovers = unmount_under(workdir)
         remove_tree(sockdir)
         for svc in (lazysnap, containerd):
-            if svc is not None:
+            if svc is not None and show_logs:
                 print(f"----- {svc.name} log (tail) -----\n{svc.log_tail()}")
-        print(f"teardown took {time.monotonic() - started:.1f}s")
+        if show_logs:
+            print(f"teardown took {time.monotonic() - started:.1f}s")
         if leftovers:
             raise AssertionError(f"mounts left behind after teardown: {leftovers}")
