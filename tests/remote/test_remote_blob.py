@@ -221,3 +221,17 @@ async def test_read_chunks_with_a_corrupt_range_fails_and_caches_nothing_bad(
         stored = cache.get(Digest.parse(chunk.digest))
         assert stored is None or stored == piece
     assert await blob.read_chunks(chunks) == pieces
+
+
+@pytest.mark.allow_log_errors
+async def test_corrupt_cache_file_is_refetched(cache, fake_source) -> None:
+    pieces = _pieces(1)
+    data, chunks = _layout([pieces])
+    source = fake_source(data)
+    blob = _blob(source, cache)
+    await blob.read_chunk(chunks[0])
+    cache.path(Digest.parse(chunks[0].digest)).write_bytes(b"bit rot" * 100)
+    assert await blob.read_chunk(chunks[0]) == pieces[0]
+    assert len(source.calls) == 2
+    assert cache.statistics().corrupt == 1
+    assert cache.get(Digest.parse(chunks[0].digest)) == pieces[0]
