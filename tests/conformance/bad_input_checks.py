@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import (
+from suite_base import (
     assert_consistent,
     mount_source_dir,
     opt,

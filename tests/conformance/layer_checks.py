@@ -10,8 +10,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import fstest as ft
-from harness import (
+import suite_fstest as ft
+from suite_base import (
     check_snapshots,
     mount_source_dir,
     needs_mounts,
@@ -19,7 +19,7 @@ from harness import (
     overlay_option,
     root_of,
 )
-from mounting import mounted
+from suite_mounting import mounted
 
 # Extra options containerd 1.6's overlay driver may add depending on the kernel.
 _OPTIONAL_OVERLAY_OPTIONS = {"index=off", "userxattr"}

@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import fstest as ft
 import pytest
-from harness import assert_consistent, needs_mounts, opt, root_of, slow, snapshot_dirs
-from mounting import PAGE_SIZE, compact_lowerdir, mounted
+import suite_fstest as ft
+from suite_base import assert_consistent, needs_mounts, opt, root_of, slow, snapshot_dirs
+from suite_mounting import PAGE_SIZE, compact_lowerdir, mounted
 
 from snapshotter.core.types import Info, Kind
 from snapshotter.errors import (

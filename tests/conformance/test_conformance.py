@@ -17,9 +17,9 @@ import bad_input_checks
 import layer_checks
 import pytest
 import snapshotter_suite
-from grpc_client import GrpcSnapshotter
-from harness import assert_consistent
-from mounting import unmount_under
+from suite_base import assert_consistent
+from suite_grpc import GrpcSnapshotter
+from suite_mounting import unmount_under
 
 from snapshotter.core.snapshotter import Snapshotter
 

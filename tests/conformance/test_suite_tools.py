@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import fstest as ft
 import pytest
-from mounting import compact_lowerdir
+import suite_fstest as ft
+from suite_mounting import compact_lowerdir
 
 BASE = ft.apply(
     ft.create_dir("/d", 0o755),

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fstest import Applier, assert_same_tree
-from mounting import mounted
+from suite_fstest import Applier, assert_same_tree
+from suite_mounting import mounted
 
 from snapshotter.core.metastore import check_consistency
 from snapshotter.core.types import Info, Mount
