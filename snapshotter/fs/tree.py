@@ -15,20 +15,13 @@ from dataclasses import dataclass
 
 from snapshotter.errors import InvalidArgument
 from snapshotter.format.toc import Entry, Toc
+from snapshotter.format.whiteout import OVERLAY_OPAQUE_XATTR, OVERLAY_OPAQUE_YES, WhiteoutKind
+from snapshotter.format.whiteout import classify as classify_name
 
-__all__ = ["OPAQUE_XATTR", "ROOT", "InvalidTree", "LayerTree", "Node"]
+__all__ = ["ROOT", "InvalidTree", "LayerTree", "Node"]
 
 ROOT = 1  # local inode of the layer's top directory; local inodes are 1..len(tree)
 
-OPAQUE_XATTR = "trusted.overlay.opaque"  # overlayfs reads this from lower dirs as root
-
-try:  # the shared constants, once format/whiteout.py has landed
-    from snapshotter.format.whiteout import OPAQUE as _OPAQUE_NAME  # type: ignore[import-not-found]
-    from snapshotter.format.whiteout import PREFIX as _WH_PREFIX  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - interim, same values as the OCI image spec
-    _WH_PREFIX = ".wh."
-    _OPAQUE_NAME = ".wh..wh..opq"
-_WH_META = _WH_PREFIX + _WH_PREFIX  # ".wh..wh.*" is reserved (AUFS metadata): never shown
 _HIDDEN = 0  # in the build's path -> inode map: not shown, nor anything below it
 
 _IFMT = {
@@ -75,7 +68,8 @@ class LayerTree:
     - `.wh.NAME` becomes `NAME`, a character device 0/0 with mode 0 (overlayfs's whiteout),
       unless the layer also has a real `NAME` there, which hides the lower one anyway;
     - `.wh..wh..opq` is not shown; its directory reports `trusted.overlay.opaque=y`;
-    - other `.wh..wh.*` names (AUFS metadata) are not shown.
+    - other reserved names (`.wh..wh.*`, AUFS metadata) are not shown, nor anything
+      below them (`format/whiteout.py` classifies the names).
 
     Layout, for 100k-entry layers: entries in a list indexed by inode (the `Entry`
     objects are the TOC's own, not copies); per-inode numbers in `array`s; every
@@ -138,12 +132,13 @@ class LayerTree:
                 continue
             if pino is None or pino not in kids:
                 raise InvalidTree(f"entry {e.name!r}: parent {dirname!r} is not a directory")
-            if base == _OPAQUE_NAME:
+            kind, target = classify_name(base)
+            if kind is WhiteoutKind.OPAQUE:
                 opaque.add(pino)
-            elif base.startswith(_WH_META):
+            elif kind is WhiteoutKind.META:
                 ino_of[e.name] = _HIDDEN
-            elif base.startswith(_WH_PREFIX):
-                whiteouts.append((pino, base[len(_WH_PREFIX) :], e))
+            elif kind is WhiteoutKind.WHITEOUT:
+                whiteouts.append((pino, target, e))
             elif e.type == "hardlink":
                 hardlinks.append((pino, base, e))
             elif e.type not in _IFMT:
@@ -180,7 +175,7 @@ class LayerTree:
                 raise InvalidTree(f"hardlink {e.name!r}: target {e.link_name!r} does not exist")
             pending = later
         for pino, base, e in whiteouts:
-            if not base or base in kids[pino]:
+            if base in kids[pino]:
                 continue
             dirname = e.name.rpartition("/")[0]
             shown = f"{dirname}/{base}" if dirname else base
@@ -271,5 +266,5 @@ class LayerTree:
         e = self._check(ino)
         found = dict(e.xattrs)
         if ino in self._opaque:
-            found[OPAQUE_XATTR] = b"y"
+            found[OVERLAY_OPAQUE_XATTR] = OVERLAY_OPAQUE_YES
         return found

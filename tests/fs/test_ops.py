@@ -16,6 +16,7 @@ from fslayers import BIG, BIG_CHUNK, MTIME_NS, FakeChunkReader, lower_layer, upp
 
 from snapshotter import errors
 from snapshotter.errors import InvalidArgument
+from snapshotter.format.whiteout import OVERLAY_OPAQUE_XATTR as OPAQUE_XATTR
 from snapshotter.fs.ops import ATTR_TIMEOUT, RepositoryOperations, errno_for
 from snapshotter.fs.repository import (
     REPOSITORY_ROOT,
@@ -23,7 +24,7 @@ from snapshotter.fs.repository import (
     LayerNotFound,
     Repository,
 )
-from snapshotter.fs.tree import OPAQUE_XATTR, LayerTree
+from snapshotter.fs.tree import LayerTree
 
 ROOT = pyfuse3.ROOT_INODE
 

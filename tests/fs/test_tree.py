@@ -12,7 +12,8 @@ from fslayers import MTIME_NS, LayerBuilder, lower_layer, upper_layer
 
 from snapshotter.errors import InvalidArgument
 from snapshotter.format.toc import Entry, Toc
-from snapshotter.fs.tree import OPAQUE_XATTR, ROOT, InvalidTree, LayerTree
+from snapshotter.format.whiteout import OVERLAY_OPAQUE_XATTR as OPAQUE_XATTR
+from snapshotter.fs.tree import ROOT, InvalidTree, LayerTree
 
 
 def walk(tree: LayerTree, ino: int = ROOT, prefix: str = "") -> dict[str, int]:
