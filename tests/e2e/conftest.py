@@ -50,3 +50,17 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     snapshotter = getattr(request, "param", "lazysnap")
     with start_stack(tmp_path, snapshotter) as s:
         yield s
+    # The project's rule "unexpected WARNING/ERROR records fail a test" also holds for the
+    # daemon, whose records end up in its log file rather than in pytest's caplog.
+    if s.lazysnap is not None and not request.node.get_closest_marker("allow_log_errors"):
+        bad = daemon_log_problems(s.lazysnap.log_path)
+        if bad:
+            pytest.fail("lazysnap logged:\n" + "\n".join(bad), pytrace=False)
+
+
+_BAD_LOG_PREFIXES = ("WARNING", "ERROR", "CRITICAL", "Traceback")
+
+
+def daemon_log_problems(log: Path) -> list[str]:
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return [line for line in lines if line.startswith(_BAD_LOG_PREFIXES)]
