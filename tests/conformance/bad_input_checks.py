@@ -83,6 +83,8 @@ def check_commit_not_active(sn: Any, work: Path) -> None:
     for name in ("c1", "a", "v", "lone"):
         with unchanged(sn, work), pytest.raises(AlreadyExists):
             sn.commit(name, "a" if name != "a" else "lone", labels=opt())
+    with unchanged(sn, work), pytest.raises(AlreadyExists):
+        sn.commit("a", "a", labels=opt())
     sn.commit("c3", "a", labels=opt())
     assert sn.stat("c3").parent == "c2"
 
@@ -230,6 +232,10 @@ def check_usage(sn: Any, work: Path) -> None:
     sn.prepare("child", "u", labels=opt())
     assert sn.usage("child").inodes == 1
     assert sn.usage("child").size == empty.size
+    # overlay.go computes du for active snapshots only; a view reports what was stored
+    # for it at creation, which is nothing.
+    sn.view("view", "u", labels=opt())
+    assert sn.usage("view") == Usage()
 
 
 def _du(path: Path) -> Usage:
