@@ -123,7 +123,7 @@ class RegistryClient:
 
         async def op(ep: Endpoint) -> int:
             url = self.blob_url(ep, ref, digest)
-            response = await self._exchange(ep, ref, "HEAD", url, what, BlobNotFound)
+            response = await self.exchange(ep, ref, "HEAD", url, what, BlobNotFound)
             length = response.headers.get("content-length")
             if length is not None and length.isdigit():
                 return int(length)

@@ -41,8 +41,9 @@ async def push_blob(
     digest: Digest,
     *,
     mount_from: str | None = None,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> None:
+    chunk_size = chunk_size or CHUNK_SIZE
     what = f"upload of blob {digest} to {ref.host}/{ref.repository}"
     if isinstance(data, bytes):
         digest.check(data, what)

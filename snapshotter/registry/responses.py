@@ -39,6 +39,14 @@ async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
     length = response.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise _TooLarge
+    try:
+        content = response.content  # read already (mock transports, error bodies)
+    except httpx.ResponseNotRead:
+        pass
+    else:
+        if len(content) > limit:
+            raise _TooLarge
+        return content
     buf = bytearray()
     async for chunk in response.aiter_raw():
         buf += chunk
