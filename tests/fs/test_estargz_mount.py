@@ -23,6 +23,7 @@ from snapshotter.errors import Unavailable
 from snapshotter.format.build import build_estargz
 from snapshotter.fs.mount import mounted, run_repository
 from snapshotter.fs.repository import Repository
+from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.layer import open_layer
 
 pytestmark = pytest.mark.fuse
@@ -78,6 +79,7 @@ class Served:
     path: Path
     source: BlobSource
     blob_size: int
+    blob: RemoteBlob
 
 
 @pytest.fixture
@@ -101,7 +103,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(run_repository, mp, repo, read_timeout=5))
             try:
-                yield Served(mp / "5", source, result.size)
+                yield Served(mp / "5", source, result.size, layer.blob)
             finally:
                 nursery.cancel_scope.cancel()
     assert mounted(mp) == []
@@ -146,6 +148,20 @@ async def test_layer_reads_back_as_written(served: Served) -> None:
 async def test_a_small_read_fetches_a_small_part(served: Served) -> None:
     assert await trio.to_thread.run_sync((served.path / "bin/tool").read_bytes)
     assert 0 < served.source.served < served.blob_size // 4
+
+
+async def test_concurrent_readers_fetch_each_chunk_once(served: Served) -> None:
+    got: list[bytes] = []
+
+    def read(off: int) -> None:
+        with open(served.path / "big", "rb", buffering=0) as f:
+            got.append(os.pread(f.fileno(), len(BIG), off))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(trio.to_thread.run_sync, read, (i % 4) * CHUNK)
+    assert sorted(got) == sorted(BIG[(i % 4) * CHUNK :] for i in range(8))
+    assert served.blob.statistics().chunks_fetched == len(BIG) // CHUNK + 1
 
 
 @pytest.mark.allow_log_errors
