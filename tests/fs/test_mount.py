@@ -326,3 +326,13 @@ async def test_overlay_merges_whiteouts_and_opaque_dirs(mnt: Mounted, tmp_path: 
     assert seen["motd"] == b"hello\n"
     assert seen["null"] == os.makedev(1, 3)
     assert seen["link"] == "../motd"
+
+
+async def test_unmount_from_outside_ends_the_mount(tmp_path: Path) -> None:
+    mp = tmp_path / "repo"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_repository, mp, Repository())
+            await trio.run_process(["fusermount3", "-u", str(mp)])
+            # run_repository returns by itself; the nursery would hang otherwise
+    assert mounted(mp) == []
