@@ -7,9 +7,11 @@ knows nothing of HTTP (the caller binds the registry client) nor of files (fs/ a
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import trio
 
@@ -23,7 +25,9 @@ __all__ = [
     "BlobStatistics",
     "ChunkFetchTimeout",
     "ChunkOutOfRange",
+    "DemandGauge",
     "FetchRange",
+    "Purpose",
     "RemoteBlob",
     "ShortRead",
 ]
@@ -32,6 +36,9 @@ FetchRange = Callable[[int, int], Awaitable[bytes]]
 """`await fetch_range(start, end)` -> bytes [start, end) of the blob (end exclusive)."""
 
 COALESCE_LIMIT = 16 << 20  # one Range GET never asks for more than this (unless one chunk does)
+
+Purpose = Literal["demand", "prefetch", "background"]
+"""Why a read happens: a reader is waiting, startup prefetch, or background completion."""
 
 
 class ChunkFetchTimeout(Unavailable):
@@ -53,8 +60,50 @@ class BlobStatistics:
     cache_hits: int  # of those, answered without a fetch by this blob
     chunks_fetched: int  # chunks this blob fetched, verified and stored
     fetches: int  # range requests made
-    bytes_fetched: int  # compressed bytes received
+    bytes_fetched: int  # compressed bytes received, all purposes
     failures: int  # chunk reads that raised
+    bytes_on_demand: int = 0  # of bytes_fetched: for readers waiting
+    bytes_prefetch: int = 0  # ... for startup prefetch
+    bytes_background: int = 0  # ... for background completion
+    demand_waits: int = 0  # on-demand reads that had to wait for the network
+
+
+class DemandGauge:
+    """On-demand reads waiting on the network, across every blob that shares the gauge.
+
+    Background work calls `wait_quiet(q)` between requests: it returns once no reader
+    has been waiting for `q` seconds, so background fetches never compete with readers
+    for the connection pool for long.
+    """
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self._last_busy = -math.inf
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def enter(self) -> None:
+        self.waiting += 1
+        self._notify()
+
+    def leave(self) -> None:
+        self.waiting -= 1
+        self._last_busy = trio.current_time()
+        self._notify()
+
+    async def wait_quiet(self, quiet: float) -> None:
+        while True:
+            if self.waiting == 0:
+                remaining = self._last_busy + quiet - trio.current_time()
+                if remaining <= 0:
+                    return
+                with trio.move_on_after(remaining):
+                    await self._changed.wait()
+            else:
+                await self._changed.wait()
 
 
 class RemoteBlob:
@@ -65,7 +114,9 @@ class RemoteBlob:
     raise DataLoss and are neither returned nor cached. Readers of one digest share one
     fetch, also across blobs that share `cache` (chunks are deduplicated by content).
     Every read is bounded by `fetch_timeout` seconds (ChunkFetchTimeout, an Unavailable);
-    a failed read leaves nothing behind, so the next read tries again.
+    a failed read leaves nothing behind, so the next read tries again. On-demand reads
+    that miss the cache are counted on `demand` (shared by the daemon's blobs) so that
+    background fetching can make way for them.
 
     `fetch_range(start, end)` returns bytes [start, end) of the blob and raises error
     categories (the registry client translates its own errors). `name` appears in errors.
@@ -84,6 +135,7 @@ class RemoteBlob:
         blob_size: int,
         fetch_timeout: float = 30.0,
         name: str = "blob",
+        demand: DemandGauge | None = None,
     ) -> None:
         if blob_size < 0:
             raise InvalidArgument(f"{name}: negative blob size {blob_size}")
@@ -92,8 +144,10 @@ class RemoteBlob:
         self.blob_size = blob_size
         self.fetch_timeout = fetch_timeout
         self.name = name
+        self.demand = demand
         self._reads = self._hits = self._chunks_fetched = 0
-        self._fetches = self._bytes_fetched = self._failures = 0
+        self._fetches = self._failures = self._demand_waits = 0
+        self._bytes: dict[str, int] = {"demand": 0, "prefetch": 0, "background": 0}
 
     def statistics(self) -> BlobStatistics:
         return BlobStatistics(
@@ -102,19 +156,26 @@ class RemoteBlob:
             cache_hits=self._hits,
             chunks_fetched=self._chunks_fetched,
             fetches=self._fetches,
-            bytes_fetched=self._bytes_fetched,
+            bytes_fetched=sum(self._bytes.values()),
             failures=self._failures,
+            bytes_on_demand=self._bytes["demand"],
+            bytes_prefetch=self._bytes["prefetch"],
+            bytes_background=self._bytes["background"],
+            demand_waits=self._demand_waits,
         )
 
     async def read_chunk(self, chunk: Chunk) -> bytes:
         """The verified uncompressed bytes of `chunk`."""
         return (await self.read_chunks([chunk]))[0]
 
-    async def read_chunks(self, chunks: Sequence[Chunk]) -> list[bytes]:
+    async def read_chunks(
+        self, chunks: Sequence[Chunk], *, purpose: Purpose = "demand"
+    ) -> list[bytes]:
         """The verified bytes of each chunk, in order; missing neighbours share one request.
 
         Chunks whose compressed extents touch or overlap are fetched with a single range
         request (up to COALESCE_LIMIT bytes). The whole call is bounded by `fetch_timeout`.
+        `purpose` only sorts the statistics and decides whether the read counts as demand.
         """
         unique: dict[str, Chunk] = {}
         for chunk in chunks:
@@ -124,13 +185,15 @@ class RemoteBlob:
         # Plan ranges only for chunks not already stored; in-flight ones are joined by
         # get_or_fetch without calling our fetch, so planning them costs nothing.
         missing = [c for t, c in unique.items() if digests[t] not in self.cache]
-        ranges = {c.digest: r for r in _plan(missing, self) for c in r.chunks}
+        ranges = {c.digest: r for r in _plan(missing, self, purpose) for c in r.chunks}
 
         results: dict[str, bytes] = {}
         errors: list[BaseException] = []
 
         async def one(text: str, chunk: Chunk) -> None:
-            source = ranges.get(text) or _SharedRange(self, chunk.offset, chunk.end, [chunk])
+            source = ranges.get(text) or _SharedRange(
+                self, chunk.offset, chunk.end, [chunk], purpose
+            )
             fetched = False
 
             async def fetch() -> bytes:
@@ -151,6 +214,11 @@ class RemoteBlob:
             else:
                 self._hits += 1
 
+        waits = purpose == "demand" and bool(missing)
+        gauge = self.demand if waits else None
+        self._demand_waits += waits
+        if gauge is not None:
+            gauge.enter()
         try:
             with trio.fail_after(self.fetch_timeout):
                 async with trio.open_nursery() as nursery:
@@ -160,6 +228,9 @@ class RemoteBlob:
             self._failures += len(chunks)
             what = self._what(chunks[0]) if len(chunks) == 1 else f"{self.name}: chunks"
             raise ChunkFetchTimeout(f"{what}: not fetched within {self.fetch_timeout}s") from None
+        finally:
+            if gauge is not None:
+                gauge.leave()
         if errors:
             self._failures += len(chunks)
             raise errors[0]
@@ -177,10 +248,10 @@ class RemoteBlob:
                 f"{self._what(chunk)}: outside the blob of {self.blob_size} bytes"
             )
 
-    async def _fetch(self, start: int, end: int) -> bytes:
+    async def _fetch(self, start: int, end: int, purpose: Purpose) -> bytes:
         self._fetches += 1
         data = await self._fetch_range(start, end)
-        self._bytes_fetched += len(data)
+        self._bytes[purpose] += len(data)
         if len(data) != end - start:
             raise ShortRead(
                 f"{self.name}: range [{start}, {end}) answered with {len(data)} bytes"
@@ -191,8 +262,11 @@ class RemoteBlob:
 class _SharedRange:
     """One range request whose bytes feed several chunks; fetched once, on first need."""
 
-    def __init__(self, blob: RemoteBlob, start: int, end: int, chunks: list[Chunk]) -> None:
+    def __init__(
+        self, blob: RemoteBlob, start: int, end: int, chunks: list[Chunk], purpose: Purpose
+    ) -> None:
         self.blob = blob
+        self.purpose = purpose
         self.start = start
         self.end = end
         self.chunks = chunks
@@ -204,7 +278,7 @@ class _SharedRange:
         if self._done is None:
             self._done = trio.Event()
             try:
-                self._data = await self.blob._fetch(self.start, self.end)
+                self._data = await self.blob._fetch(self.start, self.end, self.purpose)
             except BaseException as exc:
                 self._error = exc
                 raise
@@ -238,7 +312,7 @@ def _extract(member: bytes, chunk: Chunk, name: str) -> bytes:
         ) from exc
 
 
-def _plan(chunks: list[Chunk], blob: RemoteBlob) -> list[_SharedRange]:
+def _plan(chunks: list[Chunk], blob: RemoteBlob, purpose: Purpose) -> list[_SharedRange]:
     """Group chunks into as few ranges as possible: touching extents merge."""
     ranges: list[_SharedRange] = []
     for chunk in sorted(chunks, key=lambda c: (c.offset, c.end)):
@@ -251,7 +325,7 @@ def _plan(chunks: list[Chunk], blob: RemoteBlob) -> list[_SharedRange]:
             last.end = max(last.end, chunk.end)
             last.chunks.append(chunk)
         else:
-            ranges.append(_SharedRange(blob, chunk.offset, chunk.end, [chunk]))
+            ranges.append(_SharedRange(blob, chunk.offset, chunk.end, [chunk], purpose))
     return ranges
 
 

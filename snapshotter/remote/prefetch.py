@@ -1,5 +1,6 @@
-"""Startup prefetch of one layer: which bytes to fetch before they are asked for, and
-fetching them in a few large requests through the layer's `RemoteBlob`.
+"""Fetching a layer ahead of its readers: the startup prefetch (which bytes, fetched in a
+few large requests) and background completion (the rest, politely), both through the
+layer's `RemoteBlob`.
 """
 
 from __future__ import annotations
@@ -9,12 +10,23 @@ from dataclasses import dataclass
 
 import trio
 
+from snapshotter.digest import Digest
 from snapshotter.errors import LazysnapError
 from snapshotter.format.toc import Chunk, Toc
 from snapshotter.remote import blob as _blob
-from snapshotter.remote.blob import RemoteBlob
+from snapshotter.remote.blob import DemandGauge, RemoteBlob
 
-__all__ = ["PrefetchPlan", "PrefetchResult", "plan_prefetch", "prefetch"]
+__all__ = [
+    "BACKGROUND_BATCH",
+    "PrefetchPlan",
+    "PrefetchResult",
+    "background_fetch",
+    "missing_chunks",
+    "plan_prefetch",
+    "prefetch",
+]
+
+BACKGROUND_BATCH = 4 << 20  # small enough that a waiting reader is never far behind
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +45,7 @@ class PrefetchResult:
     chunks: int  # chunks now in the cache
     failed: int  # chunks whose batch failed (left to on-demand reads)
     bytes_fetched: int  # compressed bytes this prefetch caused to be fetched
+    complete: bool = False  # every chunk it set out to fetch is in the cache
 
 
 def plan_prefetch(toc: Toc, *, size: int) -> PrefetchPlan:
@@ -72,7 +85,7 @@ async def prefetch(blob: RemoteBlob, plan: PrefetchPlan, *, parallel: int = 4) -
         nonlocal done, failed
         async with limiter:
             try:
-                await blob.read_chunks(batch)
+                await blob.read_chunks(batch, purpose="prefetch")
             except LazysnapError as exc:
                 failed += len(batch)
                 log.warning("%s: prefetch of %d chunks failed: %s", blob.name, len(batch), exc)
@@ -85,7 +98,70 @@ async def prefetch(blob: RemoteBlob, plan: PrefetchPlan, *, parallel: int = 4) -
             # Yield so batches queue on the limiter in offset order.
             await trio.lowlevel.checkpoint()
     return PrefetchResult(
-        chunks=done, failed=failed, bytes_fetched=blob.statistics().bytes_fetched - before
+        chunks=done,
+        failed=failed,
+        bytes_fetched=blob.statistics().bytes_fetched - before,
+        complete=failed == 0,
+    )
+
+
+def missing_chunks(blob: RemoteBlob, toc: Toc) -> list[Chunk]:
+    """The layer's chunks not in the cache right now (one per digest, by blob offset)."""
+    seen: dict[str, Chunk] = {}
+    for entry in toc.entries:
+        for chunk in entry.chunks:
+            if chunk.digest not in seen and Digest.parse(chunk.digest) not in blob.cache:
+                seen[chunk.digest] = chunk
+    return sorted(seen.values(), key=lambda c: (c.offset, c.inner_offset))
+
+
+async def background_fetch(
+    blob: RemoteBlob,
+    toc: Toc,
+    *,
+    quiet: float = 5.0,
+    rate: float | None = None,
+    batch_bytes: int = BACKGROUND_BATCH,
+) -> PrefetchResult:
+    """Fetch the rest of the layer into the cache, one modest request at a time.
+
+    Before each request, wait until no on-demand read has been waiting (on the blob's
+    DemandGauge) for `quiet` seconds; with `rate` (bytes per second) pace the requests
+    so the average stays under it. Stops at the first failure (logged, not raised; a
+    later run resumes where it stopped) and does nothing if the layer cannot fit in the
+    cache at all, since it would only evict its own chunks. Cancel it to stop it.
+    """
+    gauge = blob.demand or DemandGauge()
+    todo = missing_chunks(blob, toc)
+    need = sum(c.size for c in todo)
+    if need > blob.cache.max_bytes:
+        log.info("%s: background fetch skipped: %d bytes exceed the cache", blob.name, need)
+        return PrefetchResult(chunks=0, failed=0, bytes_fetched=0, complete=False)
+    start_bytes = blob.statistics().bytes_background
+    done = failed = 0
+    batches = _batches(tuple(todo), batch_bytes)
+    for i, batch in enumerate(batches):
+        await gauge.wait_quiet(quiet)
+        batch = [c for c in batch if Digest.parse(c.digest) not in blob.cache]
+        if not batch:
+            continue
+        began = trio.current_time()
+        before = blob.statistics().bytes_background
+        try:
+            await blob.read_chunks(batch, purpose="background")
+        except LazysnapError as exc:
+            failed = sum(len(b) for b in batches[i:])
+            log.warning("%s: background fetch stopped: %s", blob.name, exc)
+            break
+        done += len(batch)
+        if rate:
+            got = blob.statistics().bytes_background - before
+            await trio.sleep_until(began + got / rate)
+    return PrefetchResult(
+        chunks=done,
+        failed=failed,
+        bytes_fetched=blob.statistics().bytes_background - start_bytes,
+        complete=failed == 0 and not missing_chunks(blob, toc),
     )
 
 

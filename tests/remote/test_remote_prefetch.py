@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import time
+from functools import partial
+
 import pytest
+import trio
+import trio.testing
 from remote_fakes import layout, pieces
 
+from snapshotter.cache.chunks import ChunkCache
 from snapshotter.errors import Unavailable
 from snapshotter.format.toc import Chunk, Entry, Toc
 from snapshotter.remote import blob as blob_module
-from snapshotter.remote.blob import RemoteBlob
-from snapshotter.remote.prefetch import plan_prefetch, prefetch
+from snapshotter.remote.blob import DemandGauge, RemoteBlob
+from snapshotter.remote.prefetch import background_fetch, missing_chunks, plan_prefetch, prefetch
 
 
 def _toc(chunks: list[Chunk], size: int, **kw: object) -> Toc:
@@ -82,3 +88,111 @@ async def test_failed_prefetch_is_logged_not_raised(six, cache, fake_source, cap
     )
     assert (result.chunks, result.failed) == (0, 6)
     assert "prefetch of 6 chunks failed" in caplog.text
+
+
+# -- background completion ----------------------------------------------------------------
+
+
+async def _until(cond) -> None:  # type: ignore[no-untyped-def]
+    # Bounded in real time: worker threads (cache I/O) do not advance a MockClock.
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, "condition never became true"
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0)
+
+
+async def test_background_completes_the_layer(six, cache, fake_source) -> None:
+    data, chunks, toc = six
+    source = fake_source(data)
+    blob = RemoteBlob(source, cache, blob_size=len(data))
+    await blob.read_chunk(chunks[2])
+    assert len(missing_chunks(blob, toc)) == 5
+    result = await background_fetch(blob, toc, quiet=0)
+    assert result.complete and result.chunks == 5
+    assert missing_chunks(blob, toc) == []
+    assert sorted(source.calls[1:]) == [
+        (chunks[0].offset, chunks[1].end),
+        (chunks[3].offset, chunks[5].end),
+    ]
+    st = blob.statistics()
+    assert st.bytes_background == result.bytes_fetched == st.bytes_fetched - st.bytes_on_demand
+    assert st.demand_waits == 1
+
+
+async def test_background_waits_for_waiting_readers(six, cache, fake_source) -> None:
+    data, _, toc = six
+    gauge = DemandGauge()
+    other_data, other_chunks = layout([[b"somebody else's file" * 50]])
+    reader_source = fake_source(other_data)
+    reader_source.gate = trio.Event()
+    reader = RemoteBlob(reader_source, cache, blob_size=len(other_data), demand=gauge)
+    source = fake_source(data)
+    blob = RemoteBlob(source, cache, blob_size=len(data), demand=gauge)
+    results = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader.read_chunk, other_chunks[0])
+        await _until(lambda: gauge.waiting == 1)
+
+        async def background() -> None:
+            results.append(await background_fetch(blob, toc, quiet=0))
+
+        nursery.start_soon(background)
+        await _until(lambda: len(reader_source.calls) == 1)
+        await _until(lambda: gauge._changed.statistics().tasks_waiting == 1)  # background
+        assert source.calls == []
+        reader_source.gate.set()
+    assert results[0].complete
+    assert gauge.waiting == 0
+
+
+async def test_background_starts_after_a_quiet_period(six, cache, fake_source, mock_clock) -> None:
+    data, _, toc = six
+    gauge = DemandGauge()
+    source = fake_source(data)
+    blob = RemoteBlob(source, cache, blob_size=len(data), demand=gauge)
+    gauge.enter()
+    gauge.leave()  # a reader finished just now
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(background_fetch, blob, toc, quiet=10))
+        waiting = gauge._changed.statistics
+        await _until(lambda: waiting().tasks_waiting == 1)
+        mock_clock.jump(9)
+        await _until(lambda: waiting().tasks_waiting == 1)
+        assert source.calls == []
+        mock_clock.jump(2)
+        await _until(lambda: len(source.calls) == 1)
+
+
+async def test_background_respects_the_rate(six, cache, fake_source) -> None:
+    data, chunks, toc = six
+    member = chunks[0].end - chunks[0].offset
+    source = fake_source(data)
+    blob = RemoteBlob(source, cache, blob_size=len(data))
+    began = time.monotonic()
+    result = await background_fetch(blob, toc, quiet=0, rate=member / 0.05, batch_bytes=member)
+    # Six one-member requests at one member per 50 ms cannot finish sooner than this.
+    assert time.monotonic() - began >= 0.25
+    assert len(source.calls) == 6 and result.complete
+
+
+async def test_background_skips_a_layer_larger_than_the_cache(six, tmp_path, fake_source) -> None:
+    data, _, toc = six
+    source = fake_source(data)
+    with ChunkCache(tmp_path / "small", max_bytes=100) as small:
+        result = await background_fetch(RemoteBlob(source, small, blob_size=len(data)), toc)
+    assert not result.complete
+    assert source.calls == []
+
+
+@pytest.mark.allow_log_errors
+async def test_background_stops_at_the_first_failure(six, cache, fake_source) -> None:
+    data, chunks, toc = six
+    member = chunks[0].end - chunks[0].offset
+    source = fake_source(data, [Unavailable("registry: 503")])
+    blob = RemoteBlob(source, cache, blob_size=len(data))
+    result = await background_fetch(blob, toc, quiet=0, batch_bytes=member)
+    assert (result.chunks, result.failed, result.complete) == (0, 6, False)
+    assert len(source.calls) == 1
+    again = await background_fetch(blob, toc, quiet=0, batch_bytes=member)
+    assert again.complete and again.chunks == 6
