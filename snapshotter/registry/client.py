@@ -56,6 +56,21 @@ _MAX_ERROR_BODY = 64 << 10
 _USER_AGENT = "lazysnap/0.1"
 
 
+class _RedactURLs(logging.Filter):
+    """httpx logs each request's full URL at INFO; signed storage URLs carry secrets."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                f"{a.scheme}://{a.netloc.decode()}{a.path}" if isinstance(a, httpx.URL) else a
+                for a in record.args
+            )
+        return True
+
+
+_REDACT = _RedactURLs()
+
+
 class RegistryClient:
     """Talks the OCI distribution API to registries, their mirrors and blob storage.
 
@@ -96,6 +111,7 @@ class RegistryClient:
         self._clients: dict[tuple[object, ...], httpx.AsyncClient] = {}
         self._auths: dict[str, RegistryAuth] = {}
         self.redirects = RedirectCache()
+        logging.getLogger("httpx").addFilter(_REDACT)  # a set: adding twice keeps one
 
     # -- public API ------------------------------------------------------------------
 

@@ -139,7 +139,9 @@ class FakeRegistry:
         return None
 
     def _token(self, request: httpx.Request, body: bytes) -> httpx.Response:
+        scopes = request.url.params.get_list("scope")
         if request.method == "POST":
+            scopes = httpx.QueryParams(body.decode()).get_list("scope")
             form = dict(httpx.QueryParams(body.decode()))
             if form.get("grant_type") != "refresh_token":
                 return httpx.Response(400)
@@ -154,7 +156,7 @@ class FakeRegistry:
             elif self.users:
                 return httpx.Response(401)
         token = uuid.uuid4().hex
-        self._tokens[token] = " ".join(request.url.params.get_list("scope"))
+        self._tokens[token] = " ".join(scopes)
         return httpx.Response(200, json={"token": token, "expires_in": self.token_lifetime})
 
     def _api(self, request: httpx.Request, body: bytes, ignore_range: bool) -> httpx.Response:

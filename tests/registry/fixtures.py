@@ -71,15 +71,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_registry(workdir: Path, auth: str | None = None) -> Iterator[RegistryServer]:
+def run_registry(
+    workdir: Path, auth: str | None = None, port: int | None = None
+) -> Iterator[RegistryServer]:
     """A docker-registry on 127.0.0.1 with filesystem storage under `workdir`.
 
-    `auth`: None, "htpasswd" or "token".
+    `auth`: None, "htpasswd" or "token". Run it again with the same `workdir` and
+    `port` to bring a stopped registry back with its content.
     """
     if shutil.which(REGISTRY_BIN) is None and shutil.which("docker-registry") is None:
         pytest.skip("needs docker-registry")
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     server = RegistryServer(f"127.0.0.1:{port}", workdir / "storage", workdir / "registry.log")
     auth_lines: list[str] = []
     token_server = None
