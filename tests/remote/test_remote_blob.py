@@ -7,6 +7,7 @@ the real one without needing a TOC.
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -235,3 +236,33 @@ async def test_corrupt_cache_file_is_refetched(cache, fake_source) -> None:
     assert len(source.calls) == 2
     assert cache.statistics().corrupt == 1
     assert cache.get(Digest.parse(chunks[0].digest)) == pieces[0]
+
+
+async def test_random_faults_never_yield_wrong_bytes(cache, fake_source) -> None:
+    rnd = random.Random(3)
+    pieces = _pieces(12, size=3000)
+    groups = [[p] for p in pieces[:6]] + [pieces[6:9]] + [[p] for p in pieces[9:]]
+    data, chunks = _layout(groups)
+    faults: list[object] = ["ok", "ok", "corrupt", "short", Unavailable("registry: 503")]
+    source = fake_source(data, [rnd.choice(faults) for _ in range(400)])
+    blob = _blob(source, cache)
+    served = 0
+
+    async def reader(seed: int) -> None:
+        nonlocal served
+        r = random.Random(seed)
+        for _ in range(25):
+            picked = r.sample(range(len(chunks)), r.randint(1, 4))
+            try:
+                got = await blob.read_chunks([chunks[i] for i in picked])
+            except (DataLoss, Unavailable):
+                continue
+            assert got == [pieces[i] for i in picked]
+            served += 1
+
+    async with trio.open_nursery() as nursery:
+        for seed in range(8):
+            nursery.start_soon(reader, seed)
+    assert served > 0 and blob.statistics().failures > 0
+    for chunk, piece in zip(chunks, pieces, strict=True):
+        assert cache.get(Digest.parse(chunk.digest)) in (None, piece)
