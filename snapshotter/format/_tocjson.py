@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import bisect
 import calendar
+import datetime
 import itertools
 import json
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-from snapshotter.digest import Digest
 from snapshotter.errors import InvalidArgument
 from snapshotter.format.toc import ENTRY_TYPES, Chunk, Entry, Toc
 
@@ -34,9 +34,8 @@ _MAX_INT = (1 << 63) - 1
 _RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)"
 )
-# Fields of a `reg` or `chunk` entry that describe one chunk, as parsed: (chunk_offset,
-# chunk_size, offset, inner_offset, digest).
-_RawChunk = tuple[int, int, int, int, str]
+# What `Digest.parse` accepts, without building a Digest per chunk.
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 def parse_toc(
@@ -56,17 +55,70 @@ def parse_toc(
     if not 0 <= toc_offset < blob_size:
         raise InvalidTOC(f"eStargz toc: offset {toc_offset} outside blob of {blob_size} bytes")
     try:
-        doc = json.loads(toc_json)
+        text = toc_json.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidTOC(f"eStargz toc: not UTF-8 JSON: {exc}") from None
+    return _TocParser(blob_size, toc_offset).parse(_entries(text, max_entries))
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _entries(text: str, max_entries: int) -> Iterator[Any]:
+    """The items of the top-level "entries" array, decoded one at a time.
+
+    `json.loads` of a 100k-entry TOC holds ~1.2 KB of dicts per entry at once, which
+    would set the daemon's peak RSS; here only one entry's dict is alive at a time.
+    """
+    dec = _DECODER.raw_decode
+    seen_entries = False
+
+    def expect(i: int, chars: str) -> tuple[str, int]:
+        """The char at `i` (after blanks), one of `chars`, and the next non-blank index."""
+        i = _WS.match(text, i).end()
+        c = text[i : i + 1]
+        if not c or c not in chars:
+            raise InvalidTOC(f"eStargz toc: not JSON: expected one of {chars!r} at char {i}")
+        return c, _WS.match(text, i + 1).end()
+
+    try:
+        _, i = expect(0, "{")
+        c = "}" if text[i : i + 1] == "}" else ","
+        if c == "}":
+            i += 1
+        while c == ",":
+            key, i = dec(text, i)
+            if not isinstance(key, str):
+                raise InvalidTOC(f"eStargz toc: not JSON: bad key at char {i}")
+            _, i = expect(i, ":")
+            if key != "entries":
+                value, i = dec(text, i)
+                if key == "version" and value != 1:
+                    raise InvalidTOC(f"eStargz toc: unsupported version {value!r}")
+            elif seen_entries:
+                raise InvalidTOC("eStargz toc: two 'entries' lists")
+            else:
+                seen_entries = True
+                _, i = expect(i, "[")
+                item = "]" if text[i : i + 1] == "]" else ","
+                if item == "]":
+                    i += 1
+                n = 0
+                while item == ",":
+                    n += 1
+                    if n > max_entries:
+                        raise InvalidTOC(f"eStargz toc: over the limit {max_entries} entries")
+                    entry, i = dec(text, i)
+                    yield entry
+                    item, i = expect(i, ",]")
+            c, i = expect(i, ",}")
     except (ValueError, RecursionError) as exc:
         raise InvalidTOC(f"eStargz toc: not JSON: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+    if not seen_entries:
         raise InvalidTOC("eStargz toc: not an object with an 'entries' list")
-    if doc.get("version", 1) != 1:
-        raise InvalidTOC(f"eStargz toc: unsupported version {doc.get('version')!r}")
-    raw_entries = doc["entries"]
-    if len(raw_entries) > max_entries:
-        raise InvalidTOC(f"eStargz toc: {len(raw_entries)} entries, over the limit {max_entries}")
-    return _TocParser(blob_size, toc_offset).parse(raw_entries)
+    if _WS.match(text, i).end() != len(text):
+        raise InvalidTOC(f"eStargz toc: trailing data at char {i}")
 
 
 def _fail(i: int, name: object, why: str) -> InvalidTOC:
@@ -83,15 +135,28 @@ def _int(raw: dict[str, Any], key: str, i: int, limit: int = _MAX_INT) -> int:
 def _norm(name: object, i: int) -> str:
     if not isinstance(name, str):
         raise _fail(i, name, "name is not a string")
+    if not name.isascii():
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise _fail(i, name, "name is not valid unicode") from None
+    if "\0" in name:
+        raise _fail(i, name, "NUL in name")
+    if (
+        len(name) <= 255
+        and ".." not in name
+        and "//" not in name
+        and "/./" not in name
+        and not name.startswith("./")
+        and not name.endswith("/.")
+        and name != "."
+    ):
+        return name.strip("/")  # the common case: no empty, "." or ".." component
     parts = [p for p in name.split("/") if p and p != "."]
     if ".." in parts:
         raise _fail(i, name, "'..' in name")
-    if "\0" in name or any(len(p) > 255 for p in parts):
-        raise _fail(i, name, "NUL or an over-long component in name")
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        raise _fail(i, name, "name is not valid unicode") from None
+    if any(len(p) > 255 for p in parts):
+        raise _fail(i, name, "over-long component in name")
     return "/".join(parts)
 
 
@@ -103,6 +168,7 @@ def _mtime_ns(text: object, i: int, name: str) -> int:
         raise _fail(i, name, f"modtime {text!r} is not RFC 3339")
     y, mo, d, h, mi, s, frac, tz = m.groups()
     try:
+        datetime.datetime(int(y), int(mo), int(d), int(h), int(mi), int(s))  # range check
         secs = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
     except (ValueError, OverflowError):
         raise _fail(i, name, f"modtime {text!r} is out of range") from None
@@ -116,12 +182,8 @@ def _digest(raw: dict[str, Any], key: str, i: int, name: str, *, required: bool)
     v = raw.get(key, "")
     if v == "" and not required:
         return ""
-    if not isinstance(v, str):
-        raise _fail(i, name, f"{key} {v!r} is not a string")
-    try:
-        Digest.parse(v)
-    except InvalidArgument:
-        raise _fail(i, name, f"{key} {v!r} is missing or not a digest") from None
+    if not isinstance(v, str) or _DIGEST.fullmatch(v) is None:
+        raise _fail(i, name, f"{key} {v!r} is missing or not a digest")
     return v
 
 
@@ -141,28 +203,45 @@ def _xattrs(raw: object, i: int, name: str) -> tuple[tuple[str, bytes], ...]:
     return tuple(out)
 
 
+class _File:
+    """A non-empty reg entry whose chunks are not all known yet, or not all ended."""
+
+    __slots__ = ("at", "chunks", "closed", "pos", "unresolved")
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+        self.at = 0  # file offset the next chunk must start at
+        self.chunks: list[Chunk] = []
+        self.unresolved = 0  # chunks whose member end is not known yet
+        self.closed = False  # no more `chunk` entries may follow
+
+
 class _TocParser:
-    """One pass over the entries, then a pass that turns raw chunks into `Chunk`s once
-    every compressed offset (and so every chunk's end) is known."""
+    """One pass. A chunk's member ends at the next larger offset, so payload offsets
+    must not decrease in TOC order (writers emit entries in blob order); a file's Entry
+    is built as soon as its last chunk has an end, keeping the transient state small."""
 
     def __init__(self, blob_size: int, toc_offset: int) -> None:
         self.blob_size = blob_size
         self.toc_offset = toc_offset
         self.entries: list[Entry] = [Entry("", "dir", mode=0o755)]
         self.index: dict[str, int] = {"": 0}
-        self.chunks: dict[int, list[_RawChunk]] = {}  # reg entry position -> its chunks
-        self.open_reg: int | None = None  # the reg entry `chunk` entries may extend
+        self.open_reg: _File | None = None  # the file `chunk` entries may extend
         self.landmark: int | None = None
         self.no_prefetch = False
-        self.extra_offsets: list[int] = []  # landmarks' members count for chunk ends
-        self.ints: dict[int, int] = {}  # one int object per distinct mtime and offset
+        self.mtimes: dict[str, int] = {}  # modtime text -> ns: images repeat a few
+        self.offset = -1  # the largest payload offset so far
+        # chunks starting at `self.offset`, waiting for the next offset to end them:
+        # (file, chunk_offset, size, inner_offset, digest)
+        self.waiting: list[tuple[_File, int, int, int, str]] = []
 
-    def parse(self, raw_entries: list[Any]) -> Toc:
+    def parse(self, raw_entries: Iterator[Any]) -> Toc:
         for i, raw in enumerate(raw_entries):
             if not isinstance(raw, dict):
                 raise _fail(i, None, "not an object")
             self._entry(i, raw)
-        self._finish_chunks()
+        self._close_reg()
+        self._advance(self.toc_offset)
         return Toc(
             entries=tuple(self.entries),
             toc_offset=self.toc_offset,
@@ -176,7 +255,7 @@ class _TocParser:
         typ = raw.get("type")
         if typ == "chunk":
             return self._chunk(i, raw, name)
-        self.open_reg = None
+        self._close_reg()
         if typ not in ENTRY_TYPES:
             raise _fail(i, name, f"unknown type {typ!r}")
         if name in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
@@ -184,12 +263,17 @@ class _TocParser:
         if name == "" and typ != "dir":
             raise _fail(i, name, f"the root must be a directory, not {typ}")
         self._parents(i, name)
-        mtime = _mtime_ns(raw.get("modtime"), i, name)
+        text = raw.get("modtime")
+        mtime = self.mtimes.get(text) if isinstance(text, str) else None
+        if mtime is None:
+            mtime = _mtime_ns(text, i, name)
+            if isinstance(text, str):
+                self.mtimes[text] = mtime
         common: dict[str, Any] = {
             "mode": _int(raw, "mode", i) & 0o7777,
             "uid": _int(raw, "uid", i, _MAX_ID),
             "gid": _int(raw, "gid", i, _MAX_ID),
-            "mtime_ns": self.ints.setdefault(mtime, mtime),
+            "mtime_ns": mtime,
             "xattrs": _xattrs(raw.get("xattrs"), i, name),
         }
         pos = self.index.get(name)
@@ -236,46 +320,86 @@ class _TocParser:
     def _reg(self, i: int, raw: dict[str, Any], name: str, common: dict[str, Any]) -> None:
         size = _int(raw, "size", i)
         digest = _digest(raw, "digest", i, name, required=False)
-        if size == 0:
-            self._add(Entry(name, "reg", digest=digest, **common))
-            return
-        if raw.get("chunkOffset", 0) != 0:
-            raise _fail(i, name, "the reg entry must hold the chunk at file offset 0")
-        first = self._raw_chunk(i, raw, name)
-        if first[4] == digest:
-            first = (*first[:4], digest)  # share one string object for single-chunk files
-        # The Entry is rebuilt with its chunks in _finish_chunks; hold them aside until then.
+        # A placeholder until the chunks are known; few are alive at once.
         pos = self._add(Entry(name, "reg", size=size, digest=digest, **common))
-        self.chunks[pos] = [first]
-        self.open_reg = pos
-
-    def _raw_chunk(self, i: int, raw: dict[str, Any], name: str) -> _RawChunk:
-        offset = _int(raw, "offset", i)
-        if offset >= self.toc_offset:
-            raise _fail(i, name, f"chunk offset {offset} is not before the toc ({self.toc_offset})")
-        return (
-            _int(raw, "chunkOffset", i),
-            _int(raw, "chunkSize", i),
-            self.ints.setdefault(offset, offset),
-            _int(raw, "innerOffset", i),
-            _digest(raw, "chunkDigest", i, name, required=True),
-        )
+        if size:
+            self.open_reg = _File(pos)
+            if raw.get("chunkOffset", 0) != 0:
+                raise _fail(i, name, "the reg entry must hold the chunk at file offset 0")
+            self._chunk(i, raw, name)
 
     def _chunk(self, i: int, raw: dict[str, Any], name: str) -> None:
-        if self.open_reg is None or self.entries[self.open_reg].name != name:
-            raise _fail(i, name, "chunk entry does not follow a reg entry of the same name")
-        self.chunks[self.open_reg].append(self._raw_chunk(i, raw, name))
+        f = self.open_reg
+        if f is None or self.entries[f.pos].name != name:
+            raise _fail(i, name, "chunk entry does not follow a non-empty reg entry of that name")
+        entry = self.entries[f.pos]
+        chunk_offset = _int(raw, "chunkOffset", i)
+        size = _int(raw, "chunkSize", i) or entry.size - chunk_offset  # 0: to the end
+        if chunk_offset != f.at or size <= 0 or f.at + size > entry.size:
+            raise _fail(
+                i, name, f"chunk at file offset {chunk_offset} (size {size}) does not continue "
+                f"at {f.at} within a file of {entry.size} bytes",
+            )  # fmt: skip
+        f.at += size
+        inner = _int(raw, "innerOffset", i)
+        digest = _digest(raw, "chunkDigest", i, name, required=True)
+        if digest == entry.digest:
+            digest = entry.digest  # one string object for a single-chunk file
+        self._advance(_int(raw, "offset", i), i, name)
+        self.waiting.append((f, chunk_offset, size, inner, digest))
+        f.unresolved += 1
+
+    def _close_reg(self) -> None:
+        f, self.open_reg = self.open_reg, None
+        if f is None:
+            return
+        entry = self.entries[f.pos]
+        if f.at != entry.size:
+            raise InvalidTOC(
+                f"eStargz toc entry {entry.name!r}: chunks cover {f.at} of {entry.size} bytes"
+            )
+        f.closed = True
+        if not f.unresolved:
+            self._build(f)
+
+    def _build(self, f: _File) -> None:
+        e = self.entries[f.pos]
+        self.entries[f.pos] = Entry(
+            e.name, "reg", e.mode, e.uid, e.gid, e.size, e.mtime_ns,
+            xattrs=e.xattrs, digest=e.digest, chunks=tuple(f.chunks),
+        )  # fmt: skip
+
+    def _advance(self, offset: int, i: int = -1, name: str = "") -> None:
+        """A member starts at `offset`: it ends the members of the waiting chunks."""
+        if offset == self.offset:
+            return
+        if offset < self.offset:
+            raise _fail(i, name, f"offset {offset} is before an earlier entry's {self.offset}")
+        if offset >= self.toc_offset and i >= 0:
+            raise _fail(i, name, f"offset {offset} is not before the toc ({self.toc_offset})")
+        waiting, self.waiting = self.waiting, []
+        waiting.sort(key=lambda w: w[3])
+        for a, b in itertools.pairwise(waiting):
+            if a[3] + a[2] > b[3]:
+                raise InvalidTOC(
+                    f"eStargz toc entries {self.entries[a[0].pos].name!r} and "
+                    f"{self.entries[b[0].pos].name!r}: chunks overlap in the member at "
+                    f"blob offset {self.offset}"
+                )
+        for f, chunk_offset, size, inner, digest in waiting:
+            f.chunks.append(Chunk(chunk_offset, size, self.offset, offset, inner, digest))
+            f.unresolved -= 1
+            if f.closed and not f.unresolved:
+                self._build(f)
+        self.offset = offset
 
     def _landmark(self, i: int, raw: dict[str, Any], name: str, typ: str) -> None:
         if typ != "reg":
             raise _fail(i, name, f"landmark is a {typ}, not a reg")
+        offset = 0
         if _int(raw, "size", i) > 0:
             offset = _int(raw, "offset", i)
-            if offset >= self.toc_offset:
-                raise _fail(i, name, f"offset {offset} is not before the toc")
-            self.extra_offsets.append(offset)
-        else:
-            offset = 0
+            self._advance(offset, i, name)  # its member ends the chunk before it
         if name == PREFETCH_LANDMARK:
             self.landmark = offset
         else:
@@ -290,39 +414,3 @@ class _TocParser:
         if entry.type == "dir":
             raise _fail(i, name, f"hardlink target {target!r} is a directory")
         return entry.link_name if entry.type == "hardlink" else target
-
-    def _finish_chunks(self) -> None:
-        offsets = sorted({c[2] for cs in self.chunks.values() for c in cs} | {*self.extra_offsets})
-        spans: list[tuple[int, int, int, int]] = []  # (offset, inner, size, entry position)
-        for pos, raws in self.chunks.items():
-            entry = self.entries[pos]
-            chunks = []
-            at = 0
-            for chunk_offset, chunk_size, offset, inner, digest in raws:
-                size = chunk_size or entry.size - chunk_offset
-                if chunk_offset != at or size <= 0 or at + size > entry.size:
-                    raise InvalidTOC(
-                        f"eStargz toc entry {entry.name!r}: chunk at file offset "
-                        f"{chunk_offset} (size {chunk_size}) does not continue at {at} "
-                        f"within a file of {entry.size} bytes"
-                    )
-                at += size
-                k = bisect.bisect_right(offsets, offset)
-                end = offsets[k] if k < len(offsets) else self.toc_offset
-                chunks.append(Chunk(chunk_offset, size, offset, end, inner, digest))
-                spans.append((offset, inner, size, pos))
-            if at != entry.size:
-                raise InvalidTOC(
-                    f"eStargz toc entry {entry.name!r}: chunks cover {at} of {entry.size} bytes"
-                )
-            self.entries[pos] = Entry(
-                entry.name, "reg", entry.mode, entry.uid, entry.gid, entry.size,
-                entry.mtime_ns, xattrs=entry.xattrs, digest=entry.digest, chunks=tuple(chunks),
-            )  # fmt: skip
-        spans.sort()
-        for a, b in itertools.pairwise(spans):
-            if a[0] == b[0] and a[1] + a[2] > b[1]:
-                raise InvalidTOC(
-                    f"eStargz toc entries {self.entries[a[3]].name!r} and "
-                    f"{self.entries[b[3]].name!r}: chunks overlap at blob offset {a[0]}"
-                )

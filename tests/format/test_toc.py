@@ -1,0 +1,284 @@
+"""parse_toc on hand-written TOC JSON: what it accepts, and each hostile shape it refuses."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from snapshotter.errors import InvalidArgument
+from snapshotter.format.estargz import InvalidTOC, parse_toc
+from snapshotter.format.toc import Chunk
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+D3 = "sha256:" + "3" * 64
+BLOB, TOC_AT = 100_000, 90_000
+
+
+def _parse(entries: list[Any], **kw: Any) -> Any:
+    doc = json.dumps({"version": 1, "entries": entries}).encode()
+    return parse_toc(doc, blob_size=kw.pop("blob_size", BLOB), toc_offset=TOC_AT, **kw)
+
+
+def _reg(name: str, size: int = 10, offset: int = 1000, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "type": "reg", "size": size, "offset": offset, "chunkDigest": D1, **kw}
+
+
+# --- accepted -------------------------------------------------------------------------------
+
+
+def test_names_are_normalised_and_parents_synthesised() -> None:
+    toc = _parse([_reg("./a/b/c.txt"), {"name": "/abs//x/", "type": "dir", "mode": 0o40700}])
+    assert [(e.name, e.type, e.mode) for e in toc.entries] == [
+        ("", "dir", 0o755),
+        ("a", "dir", 0o755),
+        ("a/b", "dir", 0o755),
+        ("a/b/c.txt", "reg", 0),
+        ("abs", "dir", 0o755),
+        ("abs/x", "dir", 0o700),
+    ]
+
+
+def test_directory_redeclared_later_wins_in_place() -> None:
+    toc = _parse(
+        [
+            {"name": "./", "type": "dir", "mode": 0o700, "uid": 5},
+            {"name": "d/f", "type": "fifo"},  # synthesises d
+            {"name": "d/", "type": "dir", "mode": 0o41777, "uid": 1},
+            {"name": "d", "type": "dir", "mode": 0o750, "uid": 2},
+        ]
+    )
+    assert [e.name for e in toc.entries] == ["", "d", "d/f"]
+    root, d = toc.entries[0], toc.entries[1]
+    assert (root.mode, root.uid) == (0o700, 5)
+    assert (d.mode, d.uid) == (0o750, 2)
+
+
+def test_fields() -> None:
+    toc = _parse(
+        [
+            _reg(
+                "f",
+                mode=0o100644,
+                uid=7,
+                gid=8,
+                userName="ignored",
+                modtime="2021-02-03T04:05:06.5+01:00",
+                xattrs={"user.a": "aGk=", "security.capability": ""},
+                digest=D1,
+            ),
+            {"name": "l1", "type": "hardlink", "linkName": "./f"},
+            {"name": "l2", "type": "hardlink", "linkName": "l1"},
+            {"name": "s", "type": "symlink", "linkName": "../../etc/x"},
+            {"name": "c", "type": "char", "devMajor": 1, "devMinor": 3},
+            {"name": "n", "type": "reg", "modtime": "1969-12-31T23:59:59Z"},
+        ]
+    )
+    f, l1, l2, s, c, n = toc.entries[1:]
+    assert (f.mode, f.uid, f.gid) == (0o644, 7, 8)
+    assert f.mtime_ns == 1612321506 * 10**9 + 500_000_000
+    assert f.xattrs == (("user.a", b"hi"), ("security.capability", b""))
+    assert f.digest is f.chunks[0].digest  # one string for a single-chunk file
+    assert (l1.link_name, l2.link_name) == ("f", "f")  # hardlink chains resolve
+    assert s.link_name == "../../etc/x"  # symlink targets are verbatim
+    assert (c.dev_major, c.dev_minor) == (1, 3)
+    assert n.mtime_ns == -(10**9) and n.chunks == ()
+
+
+def test_chunks_and_their_ends() -> None:
+    toc = _parse(
+        [
+            _reg("big", size=25, offset=100, chunkSize=10),
+            {"name": "big", "type": "chunk", "offset": 200, "chunkOffset": 10,
+             "chunkSize": 10, "chunkDigest": D2},
+            {"name": "big", "type": "chunk", "offset": 300, "chunkOffset": 20,
+             "chunkDigest": D3},
+            _reg(".prefetch.landmark", size=1, offset=400),
+            # two small files sharing one member through innerOffset
+            _reg("s1", size=5, offset=500, innerOffset=0),
+            _reg("s2", size=5, offset=500, innerOffset=5),
+            {"name": "after", "type": "dir"},
+        ]
+    )  # fmt: skip
+    big = toc.by_name()["big"]
+    assert big.chunks == (
+        Chunk(0, 10, 100, 200, 0, D1),
+        Chunk(10, 10, 200, 300, 0, D2),
+        Chunk(20, 5, 300, 400, 0, D3),  # ends where the landmark's member starts
+    )
+    s1, s2 = toc.by_name()["s1"].chunks[0], toc.by_name()["s2"].chunks[0]
+    assert (s1.end, s2.end, s2.inner_offset) == (TOC_AT, TOC_AT, 5)
+    assert toc.prefetch_landmark == 400 and not toc.no_prefetch
+    assert ".prefetch.landmark" not in toc.by_name()
+
+
+def test_no_prefetch_landmark() -> None:
+    toc = _parse([_reg(".no.prefetch.landmark", size=1, offset=10), _reg("f")])
+    assert toc.no_prefetch and toc.prefetch_landmark is None
+    assert [e.name for e in toc.entries] == ["", "f"]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b'{"entries":[]}',
+        b' \n{ "entries" : [ ] , "version" : 1 , "extra": {"x": [1]} }\n\t',
+        json.dumps(
+            {"version": 1, "entries": [{"name": "d/", "type": "dir"}]}, indent="\t"
+        ).encode(),
+    ],
+)
+def test_json_layouts(doc: bytes) -> None:
+    """Go writes the TOC with MarshalIndent (tabs); any valid layout must parse."""
+    names = [e.name for e in parse_toc(doc, blob_size=10, toc_offset=0).entries]
+    assert names in ([""], ["", "d"])
+
+
+# --- refused --------------------------------------------------------------------------------
+
+HOSTILE: dict[str, tuple[list[Any], str]] = {
+    "dotdot-escape": ([_reg("a/../../etc/passwd")], "'..'"),
+    "dotdot-alone": ([{"name": "..", "type": "dir"}], "'..'"),
+    "nul-in-name": ([_reg("a\0b")], "NUL"),
+    "name-not-string": ([{"name": 5, "type": "dir"}], "not a string"),
+    "long-component": ([_reg("x" * 256)], "over-long"),
+    "lone-surrogate": ([_reg("bad\udc80")], "unicode"),
+    "duplicate-reg": ([_reg("a"), _reg("a", offset=2000)], "duplicate"),
+    "dir-then-reg": ([{"name": "a", "type": "dir"}, _reg("a")], "duplicate"),
+    "reg-then-dir": ([_reg("a"), {"name": "a/", "type": "dir"}], "duplicate"),
+    "synthesised-dir-then-reg": ([_reg("a/b"), _reg("a", offset=2000)], "duplicate"),
+    "parent-is-file": ([_reg("a"), _reg("a/b", offset=2000)], "parent 'a' is a reg"),
+    "root-not-dir": ([_reg("./")], "root must be a directory"),
+    "hardlink-missing": ([{"name": "l", "type": "hardlink", "linkName": "nope"}], "not an earlier"),
+    "hardlink-forward": (
+        [{"name": "l", "type": "hardlink", "linkName": "f"}, _reg("f")],
+        "not an earlier",
+    ),
+    "hardlink-to-dir": (
+        [{"name": "d", "type": "dir"}, {"name": "l", "type": "hardlink", "linkName": "d"}],
+        "is a directory",
+    ),
+    "hardlink-to-root": ([{"name": "l", "type": "hardlink", "linkName": "/"}], "not an earlier"),
+    "hardlink-to-landmark": (
+        [_reg(".prefetch.landmark", 1),
+         {"name": "l", "type": "hardlink", "linkName": ".prefetch.landmark"}],
+        "not an earlier",
+    ),
+    "chunk-without-reg": (
+        [{"name": "f", "type": "chunk", "offset": 1, "chunkDigest": D1}], "does not follow"
+    ),
+    "chunk-other-name": (
+        [_reg("f"), {"name": "g", "type": "chunk", "offset": 2000, "chunkDigest": D1}],
+        "does not follow",
+    ),
+    "chunk-after-other-entry": (
+        [_reg("f", size=10), {"name": "d", "type": "dir"},
+         {"name": "f", "type": "chunk", "offset": 2000, "chunkOffset": 10, "chunkDigest": D1}],
+        "does not follow",
+    ),
+    "chunk-of-empty-file": (
+        [_reg("f", size=0),
+         {"name": "f", "type": "chunk", "offset": 2000, "chunkDigest": D1}],
+        "does not follow",
+    ),
+    "offsets-decrease": ([_reg("a", offset=5000), _reg("b", offset=4000)], "before an earlier"),
+    "chunk-offsets-decrease": (
+        [_reg("f", size=20, offset=5000, chunkSize=10),
+         {"name": "f", "type": "chunk", "offset": 4000, "chunkOffset": 10, "chunkDigest": D2}],
+        "before an earlier",
+    ),
+    "chunk-past-toc": ([_reg("f", offset=TOC_AT)], "not before the toc"),
+    "landmark-past-toc": ([_reg(".prefetch.landmark", 1, offset=TOC_AT + 5)], "not before the toc"),
+    "chunks-overlap-inner": (
+        [_reg("a", size=10, offset=500), _reg("b", size=10, offset=500, innerOffset=5)],
+        "overlap",
+    ),
+    "chunks-same-member": ([_reg("a", offset=500), _reg("b", offset=500)], "overlap"),
+    "chunk-gap": (
+        [_reg("f", size=30, chunkSize=10),
+         {"name": "f", "type": "chunk", "offset": 2000, "chunkOffset": 15, "chunkDigest": D2}],
+        "does not continue",
+    ),
+    "chunk-repeats": (
+        [_reg("f", size=20, chunkSize=10),
+         {"name": "f", "type": "chunk", "offset": 2000, "chunkOffset": 0, "chunkDigest": D2}],
+        "does not continue",
+    ),
+    "chunks-short-of-size": ([_reg("f", size=30, chunkSize=10)], "cover 10 of 30"),
+    "chunk-beyond-size": ([_reg("f", size=10, chunkSize=20)], "does not continue"),
+    "chunk-size-zero-not-last": (
+        [_reg("f", size=20),
+         {"name": "f", "type": "chunk", "offset": 2000, "chunkOffset": 10, "chunkDigest": D2}],
+        "does not continue",
+    ),
+    "reg-chunk-offset-nonzero": ([_reg("f", chunkOffset=5)], "file offset 0"),
+    "chunk-digest-missing": ([_reg("f", chunkDigest="")], "chunkDigest"),
+    "chunk-digest-garbage": ([_reg("f", chunkDigest="sha256:xyz")], "chunkDigest"),
+    "file-digest-garbage": ([_reg("f", digest=5)], "digest"),
+    "negative-size": ([_reg("f", size=-1)], "size -1"),
+    "negative-offset": ([_reg("f", offset=-5)], "offset -5"),
+    "negative-inner-offset": ([_reg("f", innerOffset=-5)], "innerOffset"),
+    "negative-chunk-size": ([_reg("f", chunkSize=-5)], "chunkSize"),
+    "negative-uid": ([{"name": "d", "type": "dir", "uid": -1}], "uid"),
+    "huge-gid": ([{"name": "d", "type": "dir", "gid": 1 << 40}], "gid"),
+    "float-size": ([_reg("f", size=10.0)], "size"),
+    "bool-mode": ([{"name": "d", "type": "dir", "mode": True}], "mode"),
+    "negative-dev": ([{"name": "c", "type": "char", "devMajor": -1}], "devMajor"),
+    "unknown-type": ([{"name": "s", "type": "socket"}], "unknown type"),
+    "missing-type": ([{"name": "s"}], "unknown type"),
+    "bad-modtime": ([{"name": "d", "type": "dir", "modtime": "yesterday"}], "RFC 3339"),
+    "bad-modtime-date": (
+        [{"name": "d", "type": "dir", "modtime": "2021-13-40T00:00:00Z"}], "range"
+    ),
+    "bad-xattr-value": ([{"name": "d", "type": "dir", "xattrs": {"user.a": "!!"}}], "base64"),
+    "bad-xattr-name": ([{"name": "d", "type": "dir", "xattrs": {"": "aGk="}}], "xattr"),
+    "xattrs-not-object": ([{"name": "d", "type": "dir", "xattrs": ["a"]}], "xattrs"),
+    "empty-symlink": ([{"name": "s", "type": "symlink", "linkName": ""}], "symlink target"),
+    "landmark-not-reg": ([{"name": ".prefetch.landmark", "type": "dir"}], "landmark"),
+    "entry-not-object": ([["name", "x"]], "not an object"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("entries", "message"), HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_entries_are_refused(entries: list[Any], message: str) -> None:
+    with pytest.raises(InvalidTOC, match=message) as info:
+        _parse(entries)
+    assert isinstance(info.value, InvalidArgument)
+    assert "toc entr" in str(info.value)  # the message names the entry
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "not JSON"),
+        (b'{"entries": {}}', "not JSON"),
+        (b'{"entries": [}', "not JSON"),
+        (b'{"entries": [{"name": "a", "type": "dir"},]}', "not JSON"),
+        (b'{"entries": [] "version": 1}', "not JSON"),
+        (b'{"entries": []}}', "trailing data"),
+        (b'{"entries": [], "entries": []}', "two 'entries'"),
+        (b'{"version": 1}', "'entries' list"),
+        (b"{}", "'entries' list"),
+        (b'{"version": 2, "entries": []}', "version"),
+        (b'{"entries": [], "version": "1"}', "version"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[" * 100_000, "not JSON"),
+        (b'{"entries": [' + b"[" * 100_000 + b"]}", "not JSON"),
+    ],
+)
+def test_malformed_documents_are_refused(doc: bytes, message: str) -> None:
+    with pytest.raises(InvalidTOC, match=message):
+        parse_toc(doc, blob_size=BLOB, toc_offset=TOC_AT)
+
+
+def test_too_many_entries() -> None:
+    with pytest.raises(InvalidTOC, match="over the limit 2"):
+        _parse([{"name": f"d{i}", "type": "dir"} for i in range(3)], max_entries=2)
+
+
+def test_toc_offset_outside_blob() -> None:
+    with pytest.raises(InvalidTOC, match="outside blob"):
+        _parse([], blob_size=TOC_AT)
