@@ -22,6 +22,7 @@ from snapshotter.format.estargz import extract_chunk
 from snapshotter.format.toc import Chunk
 
 __all__ = [
+    "COALESCE_LIMIT",
     "BlobStatistics",
     "ChunkFetchTimeout",
     "ChunkOutOfRange",
