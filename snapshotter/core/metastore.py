@@ -95,6 +95,11 @@ CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
 _COLUMNS = "id, key, parent_id, kind, labels, created_ns, updated_ns, size, inodes, remote"
 
 
+def _nonempty(labels: Mapping[str, str]) -> dict[str, str]:
+    """containerd never stores a label whose value is empty: empty means "absent"."""
+    return {k: v for k, v in labels.items() if v}
+
+
 def _now_ns() -> int:
     return time.time_ns()
 
@@ -180,7 +185,7 @@ class Transaction:
         cur = self._db.execute(
             "INSERT INTO snapshots (key, parent_id, kind, labels, created_ns, updated_ns)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (key, parent_id, int(kind), json.dumps(dict(labels)), now, now),
+            (key, parent_id, int(kind), json.dumps(_nonempty(labels)), now, now),
         )
         assert cur.lastrowid is not None
         return Snapshot(cur.lastrowid, kind, key, self._parents(parent_id))
@@ -206,7 +211,7 @@ class Transaction:
         self._db.execute(
             "UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_ns = ?, updated_ns = ?,"
             " size = ?, inodes = ?, remote = ? WHERE id = ?",
-            (name, int(Kind.COMMITTED), json.dumps(dict(labels)), now, now,
+            (name, int(Kind.COMMITTED), json.dumps(_nonempty(labels)), now, now,
              usage.size, usage.inodes, remote, row["id"]),
         )
         return Snapshot(row["id"], Kind.COMMITTED, name, self._parents(row["parent_id"]), remote)
@@ -224,10 +229,10 @@ class Transaction:
         row = self._row(info.name)
         labels: dict[str, str] = json.loads(row["labels"])
         if not fieldpaths:
-            labels = dict(info.labels)
+            labels = _nonempty(info.labels)
         for path in fieldpaths:
             if path == "labels":
-                labels = dict(info.labels)
+                labels = _nonempty(info.labels)
             elif path.startswith("labels."):
                 lkey = path[len("labels.") :]
                 value = info.labels.get(lkey, "")

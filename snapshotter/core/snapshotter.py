@@ -19,13 +19,23 @@ from snapshotter import labels as L
 from snapshotter.core.filters import parse_filters
 from snapshotter.core.metastore import Snapshot, SqliteMetaStore
 from snapshotter.core.mounts import snapshot_mounts
-from snapshotter.core.remote import RemoteLayers
+from snapshotter.core.remote import RemoteLayers, RemoteRequired
 from snapshotter.core.types import Info, Kind, Mount, Usage
-from snapshotter.errors import AlreadyExists, ClosedError, NotFound, Unavailable
+from snapshotter.errors import (
+    AlreadyExists,
+    ClosedError,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
 
 __all__ = ["Snapshotter"]
 
 log = logging.getLogger(__name__)
+
+
+class NotMountable(FailedPrecondition):
+    pass
 
 
 def _index_off_supported() -> bool:
@@ -124,6 +134,9 @@ class Snapshotter:
         self._check_open()
         with self._store.transaction() as tx:
             snap = tx.get(key)
+        if snap.kind == Kind.COMMITTED:
+            raise NotMountable(f"snapshot {key!r}: is committed; only active and view "
+                               "snapshots have mounts")
         return self._mounts(snap)
 
     def prepare(
@@ -194,7 +207,21 @@ class Snapshotter:
             self._store.close()
 
     # -- internals --------------------------------------------------------------
+    def _check_remote_parents(self, parent: str) -> None:
+        """Raise Unavailable before anything is created if a remote ancestor is broken."""
+        if not parent or self._remote is None:
+            return
+        with self._store.transaction() as tx:
+            try:
+                psnap = tx.get(parent)
+            except NotFound:
+                return  # tx.create names the missing parent
+        for handle in (psnap.remote, *(h for _, h in psnap.parents)):
+            if handle is not None:
+                self._remote.check(handle)
+
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        self._check_remote_parents(parent)
         # The temp dir is made inside the transaction so that cleanup(), which holds the
         # same lock, never sees a half-built snapshot.
         with self._store.transaction() as tx:
@@ -228,7 +255,14 @@ class Snapshotter:
                 pass
             else:
                 raise AlreadyExists(f"target snapshot {target!r}: already exists")
-        handle = self._remote.prepare(key, parent, labels)
+        try:
+            handle = self._remote.prepare(key, parent, labels)
+        except RemoteRequired:
+            raise
+        except Exception:
+            log.exception("snapshot %r: remote prepare failed; falling back to a plain "
+                          "snapshot", key)
+            return
         if handle is None:
             return
         commit_labels = {**labels, L.REMOTE: L.REMOTE_VALUE}
