@@ -41,7 +41,7 @@ from snapshotter.registry.manifest import (
     Platform,
     host_platform,
 )
-from snapshotter.registry.redirects import RedirectCache
+from snapshotter.registry.redirects import REDACT_URLS, RedirectCache
 from snapshotter.registry.reference import DOCKER_HUB, Reference
 from snapshotter.registry.responses import range_body, read_capped, verified_manifest
 from snapshotter.registry.retry import RetryPolicy, parse_retry_after
@@ -54,21 +54,6 @@ log = logging.getLogger(__name__)
 _MAX_REDIRECTS = 5
 _MAX_ERROR_BODY = 64 << 10
 _USER_AGENT = "lazysnap/0.1"
-
-
-class _RedactURLs(logging.Filter):
-    """httpx logs each request's full URL at INFO; signed storage URLs carry secrets."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                f"{a.scheme}://{a.netloc.decode()}{a.path}" if isinstance(a, httpx.URL) else a
-                for a in record.args
-            )
-        return True
-
-
-_REDACT = _RedactURLs()
 
 
 class RegistryClient:
@@ -111,7 +96,7 @@ class RegistryClient:
         self._clients: dict[tuple[object, ...], httpx.AsyncClient] = {}
         self._auths: dict[str, RegistryAuth] = {}
         self.redirects = RedirectCache()
-        logging.getLogger("httpx").addFilter(_REDACT)  # a set: adding twice keeps one
+        logging.getLogger("httpx").addFilter(REDACT_URLS)  # a set: adding twice keeps one
 
     # -- public API ------------------------------------------------------------------
 
@@ -138,8 +123,8 @@ class RegistryClient:
         what = f"blob {digest} of {ref.host}/{ref.repository}"
 
         async def op(ep: Endpoint) -> int:
-            url = self.blob_url(ep, ref, digest)
-            response = await self.exchange(ep, ref, "HEAD", url, what, BlobNotFound)
+            response = await self._blob_request(ep, ref, digest, what, {}, method="HEAD")
+            await response.aclose()
             length = response.headers.get("content-length")
             if length is not None and length.isdigit():
                 return int(length)
@@ -155,7 +140,7 @@ class RegistryClient:
         headers = {"Range": f"bytes={start}-{end - 1}"}
 
         async def op(ep: Endpoint) -> bytes:
-            response = await self._blob_get(ep, ref, digest, headers, what)
+            response = await self._blob_request(ep, ref, digest, what, headers)
             try:
                 return await range_body(response, start, end, what)
             finally:
@@ -168,7 +153,7 @@ class RegistryClient:
         what = f"blob {digest} of {ref.host}/{ref.repository}"
 
         async def op(ep: Endpoint) -> bytes:
-            response = await self._blob_get(ep, ref, digest, {}, what)
+            response = await self._blob_request(ep, ref, digest, what, {})
             try:
                 if response.status_code != 200:
                     raise RegistryRejected(f"{what}: unexpected HTTP {response.status_code}")
@@ -263,18 +248,25 @@ class RegistryClient:
 
         return await self.failover.run(ref.host, capability, what, op)
 
-    async def _blob_get(
-        self, ep: Endpoint, ref: Reference, digest: Digest, headers: dict[str, str], what: str
+    async def _blob_request(
+        self,
+        ep: Endpoint,
+        ref: Reference,
+        digest: Digest,
+        what: str,
+        headers: dict[str, str],
+        method: str = "GET",
     ) -> httpx.Response:
-        """GET a blob, via the cached redirect URL if it still works, else the registry.
+        """GET (or HEAD) a blob, following redirects to storage without our credentials.
 
-        Returns an open streaming response with a 200 or 206 status.
+        A GET goes to the remembered storage URL first while it works. Returns an open
+        streaming response with status 200 or 206; the caller closes it.
         """
         key = (ep.netloc, ref.repository, str(digest))
-        cached = self.redirects.get(key)
+        cached = self.redirects.get(key) if method == "GET" else None
         if cached is not None:
             try:
-                response = await self._plain_get(cached, headers)
+                response = await self._plain(method, cached, headers)
             except httpx.HTTPError as exc:
                 log.debug("%s: cached redirect failed (%s); resolving again", what, type(exc))
             else:
@@ -284,18 +276,18 @@ class RegistryClient:
                 log.debug("%s: cached redirect answered %d", what, response.status_code)
             self.redirects.drop(key)
         url = self.blob_url(ep, ref, digest)
-        response = await self._send(ep, ref, "GET", url, headers, None)
+        response = await self._send(ep, ref, method, url, headers, None)
         hops = 0
         while response.is_redirect and hops < _MAX_REDIRECTS:
             await response.aclose()
             url = str(response.url.join(response.headers["location"]))
             hops += 1
             if _same_origin(url, ep):
-                response = await self._send(ep, ref, "GET", url, headers, None)
+                response = await self._send(ep, ref, method, url, headers, None)
             else:
                 # Storage URLs carry their own signature; our credentials stay home.
-                response = await self._plain_get(url, headers)
-                if response.status_code in (200, 206):
+                response = await self._plain(method, url, headers)
+                if method == "GET" and response.status_code in (200, 206):
                     self.redirects.put(key, url)
         if response.status_code not in (200, 206):
             try:
@@ -304,9 +296,9 @@ class RegistryClient:
                 await response.aclose()
         return response
 
-    async def _plain_get(self, url: str, headers: dict[str, str]) -> httpx.Response:
+    async def _plain(self, method: str, url: str, headers: dict[str, str]) -> httpx.Response:
         client = self._client(None)
-        request = client.build_request("GET", url, headers=headers)
+        request = client.build_request(method, url, headers=headers)
         return await client.send(request, stream=True, follow_redirects=True)
 
     async def _send(

@@ -8,13 +8,14 @@ Azure `se=`), less a margin, and at most `max_ttl` seconds.
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 
 import httpx
 import trio
 
-__all__ = ["RedirectCache", "url_expiry"]
+__all__ = ["REDACT_URLS", "RedirectCache", "url_expiry"]
 
 _MARGIN = 30.0
 
@@ -66,3 +67,18 @@ def url_expiry(url: str) -> float | None:
     except ValueError:
         return None
     return None
+
+
+class _RedactURLs(logging.Filter):
+    """Strips queries from URLs in httpx's INFO request log: signatures are secrets."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                f"{a.scheme}://{a.netloc.decode()}{a.path}" if isinstance(a, httpx.URL) else a
+                for a in record.args
+            )
+        return True
+
+
+REDACT_URLS = _RedactURLs()

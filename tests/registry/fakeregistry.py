@@ -174,7 +174,7 @@ class FakeRegistry:
             digest = m.group(2)
             if not self.has_blob(m.group(1), digest):
                 return httpx.Response(404, json={"errors": [{"code": "BLOB_UNKNOWN"}]})
-            if self.redirect_blobs and request.method == "GET":
+            if self.redirect_blobs:
                 where = f"https://{STORAGE_HOST}/store/{digest}?X-Sig=secret-signature"
                 return httpx.Response(307, headers={"Location": where})
             return _serve(request, self.blobs[digest], ignore_range)

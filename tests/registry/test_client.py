@@ -174,6 +174,8 @@ async def test_redirect_is_reused_until_it_expires(
     assert len(storage_gets) == 3
     assert len([s for s in registry_gets if s.headers.get("authorization")]) == 1
     assert all("authorization" not in s.headers for s in storage_gets)
+    assert await client.blob_size(REF, digest) == len(DATA)  # HEAD follows too
+    assert fake.requests_to(STORAGE_HOST, "HEAD")
     # storage says the signature expired: back to the registry for a fresh URL
     fake.storage_expired = True
     fake.seen.clear()
