@@ -23,6 +23,7 @@ __all__ = [
     "background_fetch",
     "missing_chunks",
     "plan_prefetch",
+    "plan_whole_layer",
     "prefetch",
 ]
 
@@ -37,7 +38,7 @@ class PrefetchPlan:
 
     end: int
     chunks: tuple[Chunk, ...]  # one per digest, by blob offset
-    reason: str  # "landmark", "no-prefetch landmark", "size"
+    reason: str  # "landmark", "no-prefetch landmark", "size", "all", or the caller's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +71,20 @@ def plan_prefetch(toc: Toc, *, size: int) -> PrefetchPlan:
     return PrefetchPlan(end=end, chunks=chunks, reason=reason)
 
 
-async def prefetch(blob: RemoteBlob, plan: PrefetchPlan, *, parallel: int = 4) -> PrefetchResult:
-    """Fetch `plan` into the cache, `parallel` requests at a time, first bytes first.
+def plan_whole_layer(toc: Toc) -> PrefetchPlan:
+    """Every chunk of the layer (`lazysnap prefetch --all`)."""
+    plan = plan_prefetch(Toc(entries=toc.entries, toc_offset=toc.toc_offset), size=toc.toc_offset)
+    return PrefetchPlan(end=plan.end, chunks=plan.chunks, reason="all")
 
-    Chunks are batched so that each batch is one coalesced range request and each is
-    bounded by the blob's fetch timeout on its own. A prefetch is an optimisation: a
-    failed batch is logged and left for on-demand reads, never raised.
+
+async def prefetch(blob: RemoteBlob, plan: PrefetchPlan, *, parallel: int = 4) -> PrefetchResult:
+    """Fetch `plan` into the cache, `parallel` requests at a time, in the plan's order.
+
+    Consecutive chunks of the plan are batched so that each batch is one coalesced range
+    request (when they are adjacent in the blob), each bounded by the blob's fetch
+    timeout on its own. A plan in first-access order (a learned profile) keeps its order.
+    A prefetch is an optimisation: a failed batch is logged and left for on-demand reads,
+    never raised.
     """
     before = blob.statistics().bytes_fetched
     limiter = trio.CapacityLimiter(max(1, parallel))
@@ -169,7 +178,7 @@ def _batches(chunks: tuple[Chunk, ...], limit: int) -> list[list[Chunk]]:
     batches: list[list[Chunk]] = []
     start = 0
     for chunk in chunks:
-        if batches and chunk.end - start <= limit:
+        if batches and start <= chunk.offset and chunk.end - start <= limit:
             batches[-1].append(chunk)
         else:
             batches.append([chunk])

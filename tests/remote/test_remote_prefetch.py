@@ -15,7 +15,14 @@ from snapshotter.errors import Unavailable
 from snapshotter.format.toc import Chunk, Entry, Toc
 from snapshotter.remote import blob as blob_module
 from snapshotter.remote.blob import DemandGauge, RemoteBlob
-from snapshotter.remote.prefetch import background_fetch, missing_chunks, plan_prefetch, prefetch
+from snapshotter.remote.prefetch import (
+    PrefetchPlan,
+    background_fetch,
+    missing_chunks,
+    plan_prefetch,
+    plan_whole_layer,
+    prefetch,
+)
 
 
 def _toc(chunks: list[Chunk], size: int, **kw: object) -> Toc:
@@ -196,3 +203,20 @@ async def test_background_stops_at_the_first_failure(six, cache, fake_source) ->
     assert len(source.calls) == 1
     again = await background_fetch(blob, toc, quiet=0, batch_bytes=member)
     assert again.complete and again.chunks == 6
+
+
+def test_whole_layer_plan_ignores_landmarks(six) -> None:
+    data, chunks, _ = six
+    toc = _toc(chunks, len(data), prefetch_landmark=chunks[1].offset, no_prefetch=True)
+    plan = plan_whole_layer(toc)
+    assert (plan.reason, plan.chunks) == ("all", tuple(chunks))
+
+
+async def test_a_plan_in_access_order_is_fetched_in_that_order(six, cache, fake_source) -> None:
+    data, chunks, _ = six
+    source = fake_source(data)
+    order = [chunks[4], chunks[5], chunks[0], chunks[1], chunks[2]]
+    plan = PrefetchPlan(end=0, chunks=tuple(order), reason="profile")
+    result = await prefetch(RemoteBlob(source, cache, blob_size=len(data)), plan, parallel=1)
+    assert result.complete and result.chunks == 5
+    assert source.calls == [(chunks[4].offset, chunks[5].end), (chunks[0].offset, chunks[2].end)]
