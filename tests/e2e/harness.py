@@ -199,11 +199,14 @@ class Lazysnap(Service):
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "snapshotter", "serve"]
         argv += ["--address", self.address, "--root", str(self.root), "--log-level", "debug"]
+        # An empty hosts dir, so the machine's /etc/containerd/certs.d cannot change the tests.
+        argv += ["--hosts-dir", str(self.workdir / "certs.d")]
         if self.config is not None:
             argv += ["--config", str(self.config)]
         return argv + self.extra_args
 
     def start(self, timeout: float = 30.0) -> Lazysnap:
+        (self.workdir / "certs.d").mkdir(exist_ok=True)
         self._spawn(self.argv(), env={"PYTHONPATH": str(REPO_ROOT)})
 
         def listening() -> bool:

@@ -27,6 +27,7 @@ __all__ = [
     "Image",
     "Layer",
     "busybox_layer",
+    "data_image",
     "merged_tree",
     "push_image",
     "sample_image",
@@ -290,6 +291,21 @@ def sample_image(cmd: Sequence[str] = ("/bin/sh", "-c", "echo hello from lazysna
         )
     )
     return Image((layer1, layer2), cmd=tuple(cmd))
+
+
+def data_image(
+    files: dict[str, int], seed: int = 7, extra: dict[str, bytes] | None = None
+) -> Image:
+    """busybox plus one layer of incompressible files (`path -> size`), for lazy-pull tests.
+
+    The same `files` and `seed` give byte-identical files, so two images built with different
+    `extra` files share those files' chunks but not their layer digests.
+    """
+    entries = [Entry("data", "dir", mode=0o755)]
+    for i, (path, size) in enumerate(sorted(files.items())):
+        entries.append(Entry(path, data=_pseudo_random(size, seed=seed * 1000 + i)))
+    entries += [Entry(path, data=data) for path, data in sorted((extra or {}).items())]
+    return Image((busybox_layer(), Layer(tuple(entries))), cmd=("/bin/echo", "ready"))
 
 
 @dataclass(frozen=True)

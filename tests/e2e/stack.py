@@ -12,7 +12,7 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +118,10 @@ def _columns(row: str, n: int) -> list[str]:
 
 @contextlib.contextmanager
 def start_stack(
-    workdir: Path, snapshotter: str = "lazysnap", show_logs: bool = True
+    workdir: Path,
+    snapshotter: str = "lazysnap",
+    show_logs: bool = True,
+    lazysnap_args: Sequence[str] = (),
 ) -> Iterator[Stack]:
     """Start lazysnap (unless using the reference) and containerd; always tear both down.
 
@@ -130,7 +133,9 @@ def start_stack(
     try:
         plugins = {}
         if snapshotter != REFERENCE:
-            lazysnap = Lazysnap(workdir / "lazysnap", str(sockdir / "lazysnap.sock")).start()
+            lazysnap = Lazysnap(
+                workdir / "lazysnap", str(sockdir / "lazysnap.sock"), extra_args=lazysnap_args
+            ).start()
             plugins[snapshotter] = lazysnap.address
         containerd = Containerd(workdir / "containerd", sockdir, plugins).start()
         root = (
