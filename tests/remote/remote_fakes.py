@@ -3,11 +3,43 @@
 from __future__ import annotations
 
 import gzip
+import io
+import tarfile
 
 import trio
 
 from snapshotter.digest import Digest
 from snapshotter.format.toc import Chunk
+
+CHUNK = 4096
+FILES = {
+    "etc/hello.txt": b"hello, lazy world\n",
+    "usr/lib/big.bin": b"".join(i.to_bytes(4, "big") for i in range(4481)),  # 5 chunks
+    "usr/lib/zeros": bytes(3 * CHUNK + 10),  # chunks that share one digest
+    "usr/lib/empty": b"",
+}
+
+
+def layer_tar(files: dict[str, bytes]) -> bytes:
+    """A small layer tar: three directories, `files`, and a symlink etc/link."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for dirname in ("etc", "usr", "usr/lib"):
+            info = tarfile.TarInfo(dirname)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tf.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("etc/link")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "hello.txt"
+        tf.addfile(link)
+    return buf.getvalue()
+
 
 HEADER = gzip.compress(b"\0" * 512, mtime=0)  # stands in for a tar header member
 

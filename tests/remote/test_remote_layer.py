@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gzip
 import io
-import tarfile
 
 import pytest
 import trio
+from remote_fakes import CHUNK, FILES
+from remote_fakes import layer_tar as _tar
 
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss, InvalidArgument, Unavailable
@@ -21,34 +22,6 @@ from snapshotter.remote.layer import (
     load_toc,
     open_layer,
 )
-
-CHUNK = 4096
-FILES = {
-    "etc/hello.txt": b"hello, lazy world\n",
-    "usr/lib/big.bin": b"".join(i.to_bytes(4, "big") for i in range(4481)),  # 5 chunks
-    "usr/lib/zeros": bytes(3 * CHUNK + 10),  # chunks that share one digest
-    "usr/lib/empty": b"",
-}
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for dirname in ("etc", "usr", "usr/lib"):
-            info = tarfile.TarInfo(dirname)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            tf.addfile(info)
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tf.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("etc/link")
-        link.type = tarfile.SYMTYPE
-        link.linkname = "hello.txt"
-        tf.addfile(link)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
