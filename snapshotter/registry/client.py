@@ -358,16 +358,13 @@ def _same_origin(url: str, ep: Endpoint) -> bool:
     return parsed.scheme == ep.scheme and parsed.netloc.decode() == ep.netloc
 
 
-def _tls_mismatch(exc: BaseException) -> bool:
-    """An SSL error other than a certificate check: the server does not speak TLS."""
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
     seen: BaseException | None = exc
     for _ in range(10):
-        if seen is None:
-            return False
-        if isinstance(seen, ssl.SSLError) and not isinstance(seen, ssl.SSLCertVerificationError):
-            return True
+        if seen is None or isinstance(seen, ssl.SSLError):
+            return seen
         seen = seen.__cause__ or seen.__context__
-    return False
+    return None
 
 
 # httpx exception -> (registry error, what went wrong); the first matching row wins.
@@ -387,9 +384,20 @@ def _translate(exc: httpx.HTTPError, ep: Endpoint, what: str) -> LazysnapError:
     for cls, category, reason in _HTTPX_ERRORS:
         if isinstance(exc, cls):
             message = f"{what}: {ep.describe()} {reason} ({type(exc).__name__})"
-            if category is RegistryUnavailable:
-                return RegistryUnavailable(message, tls_mismatch=_tls_mismatch(exc))
-            return category(message)
+            if category is not RegistryUnavailable:
+                return category(message)
+            tls = _ssl_error(exc)
+            if tls is None:
+                return RegistryUnavailable(message)
+            # A certificate the server will keep presenting: no point in retrying.
+            bad_cert = isinstance(tls, ssl.SSLCertVerificationError)
+            detail = getattr(tls, "verify_message" if bad_cert else "reason", None) or str(tls)
+            return RegistryUnavailable(
+                f"{message}: TLS {detail or 'handshake failed'}",
+                # a TLS alert means the peer speaks TLS; anything else may be plain HTTP
+                tls_mismatch=not bad_cert and "ALERT" not in str(detail),
+                retryable=False if bad_cert else None,
+            )
     raise AssertionError("httpx.HTTPError is the last row")  # pragma: no cover
 
 

@@ -72,11 +72,18 @@ class RegistryUnavailable(Unavailable):
     retryable = True
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, tls_mismatch: bool = False
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        tls_mismatch: bool = False,
+        retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.tls_mismatch = tls_mismatch
+        if retryable is not None:
+            self.retryable = retryable
 
 
 class RangeNotSupported(RegistryUnavailable):

@@ -17,6 +17,7 @@ from tests.registry.fakeregistry import FakeRegistry
 from tests.registry.fixtures import (  # noqa: F401  (pytest fixtures, used by name)
     htpasswd_registry,
     plain_registry,
+    tls_registry,
     token_registry,
 )
 

@@ -1,15 +1,21 @@
-"""Real `docker-registry` processes for tests: plain, htpasswd (Basic) and token auth.
+"""Real `docker-registry` processes for tests: plain, htpasswd (Basic), token auth, TLS.
 
 Import the pytest fixtures by name into a conftest (or test module)::
 
     from tests.registry.fixtures import htpasswd_registry, plain_registry, token_registry
 
-Each yields a `RegistryServer`: `host` ("127.0.0.1:<port>", plain HTTP, no hosts.toml
-needed: the client falls back from HTTPS on loopback), `url`, `username`/`password`
-(empty for the plain one), `credentials()` for `RegistryClient(extra_credentials=...)`,
-`docker_config(path)` to write a docker config.json for other clients (ctr, containerd),
-and for the token registry `.token_server`. Processes are stopped at fixture teardown;
-`run_registry()` is the context manager underneath, for other lifetimes.
+(and `tls_registry`: HTTPS with a test CA that requires client certificates).
+Each yields a `RegistryServer`:
+
+- `host` ("127.0.0.1:<port>"; plain HTTP needs no hosts.toml, as the client falls back
+  from HTTPS on loopback), `url`, `root` (storage), `log_path`;
+- `username`/`password` (empty for the plain one), `credentials()` for
+  `RegistryClient(extra_credentials=...)`, `docker_config(path)` to write a docker
+  config.json for other clients (ctr, containerd);
+- `.token_server` for the token registry; `.pki` and `hosts_toml(dir)` for TLS.
+
+Processes stop at fixture teardown; `run_registry()` is the context manager underneath,
+for other lifetimes (e.g. stop and restart on the same port and storage).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import httpx
 import pytest
 
 from snapshotter.registry.credentials import Credential, StaticCredentials
+from tests.registry.certs import TestPKI, make_pki
 from tests.registry.tokenserver import ISSUER, SERVICE, TokenServer
 
 USERNAME = "lazysnap"
@@ -45,10 +52,23 @@ class RegistryServer:
     username: str = ""
     password: str = ""
     token_server: TokenServer | None = None
+    pki: TestPKI | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.pki else 'http'}://{self.host}"
+
+    def hosts_toml(self, hosts_dir: Path, *, ca: bool = True, client: bool = True) -> Path:
+        """Write `<hosts_dir>/<host>/hosts.toml` naming this server (and its TLS files)."""
+        lines = [f'server = "{self.url}"']
+        if self.pki is not None and ca:
+            lines.append(f'ca = "{self.pki.ca}"')
+        if self.pki is not None and client:
+            lines.append(f'client = [["{self.pki.client_cert}", "{self.pki.client_key}"]]')
+        path = hosts_dir / self.host / "hosts.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def credentials(self) -> StaticCredentials:
         table = {self.host: Credential(self.username, self.password)} if self.username else {}
@@ -72,12 +92,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def run_registry(
-    workdir: Path, auth: str | None = None, port: int | None = None
+    workdir: Path, auth: str | None = None, port: int | None = None, tls: str | None = None
 ) -> Iterator[RegistryServer]:
     """A docker-registry on 127.0.0.1 with filesystem storage under `workdir`.
 
-    `auth`: None, "htpasswd" or "token". Run it again with the same `workdir` and
-    `port` to bring a stopped registry back with its content.
+    `auth`: None, "htpasswd" or "token". `tls`: None (plain HTTP), "server" (HTTPS with
+    a test CA: `server.pki`), or "mutual" (clients must also present the client cert).
+    Run it again with the same `workdir` and `port` to bring a stopped registry back
+    with its content.
     """
     if shutil.which(REGISTRY_BIN) is None and shutil.which("docker-registry") is None:
         pytest.skip("needs docker-registry")
@@ -108,6 +130,16 @@ def run_registry(
         server.token_server = token_server
     elif auth is not None:
         raise ValueError(f"unknown registry auth {auth!r}")
+    tls_lines: list[str] = []
+    if tls is not None:
+        server.pki = make_pki(workdir / "pki")
+        tls_lines = [
+            "  tls:",
+            f"    certificate: {server.pki.server_cert}",
+            f"    key: {server.pki.server_key}",
+        ]
+        if tls == "mutual":
+            tls_lines += ["    clientcas:", f"      - {server.pki.ca}"]
     config = workdir / "config.yml"
     config.write_text(
         "\n".join(
@@ -125,6 +157,7 @@ def run_registry(
                 "http:",
                 f"  addr: {server.host}",
                 "  secret: lazysnap-test-secret",
+                *tls_lines,
                 *auth_lines,
                 "",
             ]
@@ -154,12 +187,22 @@ def _wait_ready(server: RegistryServer, proc: subprocess.Popen[bytes]) -> None:
             raise RuntimeError(
                 f"docker-registry exited {proc.returncode}: {server.log_path.read_text()[-2000:]}"
             )
-        try:
-            status = httpx.get(f"{server.url}/v2/", timeout=1.0).status_code
-        except httpx.HTTPError:
-            status = None
-        if status in (200, 401):
-            return
+        if server.pki is not None:
+            # A TLS handshake may need the client certificate: a TCP connect will do.
+            try:
+                socket.create_connection(
+                    ("127.0.0.1", int(server.host.rpartition(":")[2])), 1.0
+                ).close()
+                return
+            except OSError:
+                pass
+        else:
+            try:
+                status = httpx.get(f"{server.url}/v2/", timeout=1.0).status_code
+            except httpx.HTTPError:
+                status = None
+            if status in (200, 401):
+                return
         time.sleep(0.05)
     raise RuntimeError(f"docker-registry not ready in {_START_TIMEOUT}s")
 
@@ -173,6 +216,13 @@ def plain_registry(tmp_path: Path) -> Iterator[RegistryServer]:
 @pytest.fixture
 def htpasswd_registry(tmp_path: Path) -> Iterator[RegistryServer]:
     with run_registry(tmp_path / "registry-htpasswd", auth="htpasswd") as server:
+        yield server
+
+
+@pytest.fixture
+def tls_registry(tmp_path: Path) -> Iterator[RegistryServer]:
+    """HTTPS with a test CA and client certificates required (`server.pki`)."""
+    with run_registry(tmp_path / "registry-tls", tls="mutual") as server:
         yield server
 
 

@@ -204,3 +204,44 @@ async def test_registry_going_away_fails_fast_and_recovers(tmp_path: Path) -> No
             assert await client.read_blob_range(ref, Digest.of(data), 0, 4) == data[:4]
     finally:
         await client.aclose()
+
+
+async def test_tls_with_hosts_toml_ca_and_client_cert(
+    tls_registry: RegistryServer, tmp_path: Path
+) -> None:
+    hosts_dir = tmp_path / "certs.d"
+    ref = Reference.parse(f"{tls_registry.host}/lazysnap/app:v1")
+    # No hosts.toml: HTTPS against an unknown CA fails; no silent downgrade to HTTP.
+    bare = client_for(tmp_path, hosts_dir=tmp_path / "empty")
+    try:
+        with pytest.raises(RegistryUnavailable):
+            await bare.get_manifest(ref)
+        [ep] = bare.failover.endpoints(tls_registry.host)
+        assert ep.scheme == "https"
+    finally:
+        await bare.aclose()
+    # The CA but no client certificate: the server refuses the handshake.
+    tls_registry.hosts_toml(hosts_dir, client=False)
+    no_cert = client_for(tmp_path, hosts_dir=hosts_dir)
+    try:
+        with pytest.raises(RegistryUnavailable):
+            await no_cert.get_manifest(ref)
+    finally:
+        await no_cert.aclose()
+    tls_registry.hosts_toml(hosts_dir)
+    good = client_for(tmp_path, hosts_dir=hosts_dir)
+    try:
+        digest, _ = await push_image(good, ref, [b"layer over mutual TLS"])
+        manifest = await good.get_manifest(ref)
+        assert manifest.digest == digest
+        assert await good.read_blob_range(ref, manifest.layers[0].digest, 6, 10) == b"over"
+    finally:
+        await good.aclose()
+    # skip_verify instead of the CA
+    path = tls_registry.hosts_toml(hosts_dir, ca=False)
+    path.write_text(path.read_text() + "skip_verify = true\n")
+    insecure = client_for(tmp_path, hosts_dir=hosts_dir)
+    try:
+        assert (await insecure.get_manifest(ref)).digest == digest
+    finally:
+        await insecure.aclose()
