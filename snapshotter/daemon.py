@@ -1,25 +1,39 @@
-"""Composition root of `lazysnap serve`: wires config, core, service and (later) FUSE.
+"""Composition root of `lazysnap serve`: wires config, core, service, FUSE and registry.
 
-Threads and trio: the main thread runs `trio.run`, which owns signals and (with lazy
-pulling) the FUSE repository mount; grpcio serves containerd from its own thread pool
-and reaches trio only through `bridge.py`.
+Threads and trio: the main thread runs `trio.run`, which owns signals, the FUSE
+repository mount, registry fetches and the chunk cache; grpcio serves containerd from its
+own thread pool and reaches trio only through `bridge.py`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import trio
 
+from snapshotter.bridge import FuseRemoteLayers
+from snapshotter.cache.chunks import ChunkCache
+from snapshotter.cli.status import STATUS_FILE
 from snapshotter.config import Config
 from snapshotter.core.snapshotter import Snapshotter
+from snapshotter.fs.mount import run_repository
+from snapshotter.fs.repository import Repository
+from snapshotter.registry.client import RegistryClient
 from snapshotter.service.server import SnapshotServer
 
 __all__ = ["run", "setup_logging"]
 
 log = logging.getLogger("lazysnap")
+
+STATUS_INTERVAL = 2.0
 
 
 def setup_logging(level: str) -> None:
@@ -28,24 +42,94 @@ def setup_logging(level: str) -> None:
     if sys.stderr.isatty():
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    # httpx logs every request at INFO; one line per chunk is noise for an operator.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _write_status(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+async def _status_loop(cfg: Config, remote: FuseRemoteLayers | None, cache: ChunkCache) -> None:
+    path = cfg.root / STATUS_FILE
+    while True:
+        doc: dict[str, Any] = remote.status() if remote is not None else {"layers": []}
+        stats = cache.statistics()
+        doc["cache"] = {
+            "entries": stats.entries, "bytes": stats.bytes, "max_bytes": cache.max_bytes,
+            "hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions,
+        }
+        doc["time"] = time.time()
+        doc["pid"] = os.getpid()
+        await trio.to_thread.run_sync(_write_status, path, doc)
+        await trio.sleep(STATUS_INTERVAL)
 
 
 async def _serve(cfg: Config) -> None:
     cfg.root.mkdir(parents=True, exist_ok=True)
-    sn = Snapshotter(cfg.root)
-    server = SnapshotServer(sn, cfg.address, mode=int(cfg.socket_mode, 8))
+    cache = ChunkCache(cfg.root / "cache", cfg.cache_bytes)
+    client = RegistryClient(
+        hosts_dir=cfg.hosts_dir,
+        docker_config=Path(cfg.docker_config) if cfg.docker_config else None,
+        timeout=cfg.fetch_timeout,
+    )
+    server: SnapshotServer | None = None
+    sn: Snapshotter | None = None
     try:
-        server.start()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            log.info("lazysnap ready (root %s)", cfg.root)
-            async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                break
+        async with trio.open_nursery() as nursery:
+            remote = None
+            if cfg.lazy:
+                repo = Repository()
+                await nursery.start(
+                    partial(run_repository, read_timeout=cfg.read_timeout),
+                    cfg.root / "repo", repo,
+                )
+                remote = FuseRemoteLayers(
+                    cfg, repository=repo, client=client, cache=cache,
+                    token=trio.lowlevel.current_trio_token(),
+                )
+            # In a worker thread: recovery restores remote layers through the bridge,
+            # which calls back into this trio loop.
+            sn = await trio.to_thread.run_sync(lambda: Snapshotter(cfg.root, remote=remote))
+            server = SnapshotServer(sn, cfg.address, mode=int(cfg.socket_mode, 8))
+            server.start()
+            nursery.start_soon(_status_loop, cfg, remote, cache)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                log.info("lazysnap ready (root %s, lazy %s)", cfg.root,
+                         "on" if cfg.lazy else "off")
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    break
+            await trio.to_thread.run_sync(server.stop)
+            server = None
+            nursery.cancel_scope.cancel()
     finally:
-        await trio.to_thread.run_sync(server.stop)
-        sn.close()
+        if server is not None:
+            await trio.to_thread.run_sync(server.stop)
+        if sn is not None:
+            sn.close()
+        await client.aclose()
+        cache.close()
+        (cfg.root / STATUS_FILE).unlink(missing_ok=True)
         log.info("stopped")
 
 
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def run(cfg: Config) -> None:
-    trio.run(_serve, cfg)
+    try:
+        trio.run(_serve, cfg)
+    except BaseExceptionGroup as group:
+        # One failure inside the nursery is the common case (socket in use, bad root):
+        # surface it as itself so the CLI maps it to a message and exit code.
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise

@@ -1,0 +1,325 @@
+"""The one crossing from gRPC threads into trio, and the remote-layer policy behind it.
+
+`FuseRemoteLayers` implements core's `RemoteLayers` Protocol. It decides, per layer,
+between three ways of providing it — a directory in a configured repository root (no
+download at all), a lazily fetched eStargz layer in the FUSE repository mount, or
+fallback to an ordinary snapshot — logs and counts every decision, and does the async
+work (registry, TOC, attach) on the trio loop via `trio.from_thread.run`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from snapshotter import errors
+from snapshotter.cache.chunks import ChunkCache
+from snapshotter.config import Config
+from snapshotter.core.remote import RemoteRequired
+from snapshotter.digest import Digest
+from snapshotter.format.estargz import InvalidFooter
+from snapshotter.fs.repository import Repository
+from snapshotter.fs.tree import LayerTree
+from snapshotter.labels import LayerSource, MissingSourceLabels, layer_source
+from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.reference import Reference
+from snapshotter.remote.blob import RemoteBlob
+from snapshotter.remote.layer import TocDigestMissing, load_toc
+from snapshotter.remote.tocstore import TocStore
+
+__all__ = ["FuseRemoteLayers", "LayerFallback"]
+
+log = logging.getLogger("lazysnap.remote")
+
+T = TypeVar("T")
+
+
+class LayerFallback(RemoteRequired):
+    """A layer could not be served lazily and `require_lazy` forbids the download."""
+
+
+@dataclass
+class _Attached:
+    """One layer in the repository, shared by every snapshot whose handle names it."""
+
+    dir: str
+    source: LayerSource
+    blob_size: int
+    blob: RemoteBlob | None = None
+    refs: int = 0
+    error: str = ""
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, countable reason code for a fallback."""
+    if isinstance(exc, MissingSourceLabels):
+        return "no-source-labels"
+    if isinstance(exc, TocDigestMissing):
+        return "no-toc-digest"
+    if isinstance(exc, InvalidFooter):
+        return "not-estargz"
+    if isinstance(exc, errors.DataLoss):
+        return "verification-failed"
+    if isinstance(exc, errors.PermissionDenied):
+        return "unauthorized"
+    if isinstance(exc, errors.NotFound):
+        return "not-found"
+    if isinstance(exc, errors.Unavailable):
+        return "registry-unavailable"
+    if isinstance(exc, errors.InvalidArgument):
+        return "invalid-layer"
+    return "internal-error"
+
+
+class FuseRemoteLayers:
+    """Remote layers served from one FUSE repository mounted at `<root>/repo`."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        repository: Repository,
+        client: RegistryClient,
+        cache: ChunkCache,
+        token: trio.lowlevel.TrioToken,
+    ) -> None:
+        self._cfg = cfg
+        self._repo = repository
+        self._client = client
+        self._cache = cache
+        self._token = token
+        self._mountpoint = cfg.root / "repo"
+        self._tocs = TocStore(cfg.root / "tocs")
+        self._lock = threading.Lock()
+        self._layers: dict[str, _Attached] = {}  # by layer digest
+        self._next_dir = 1
+        self.fallbacks: collections.Counter[str] = collections.Counter()
+        self.recent_fallbacks: collections.deque[dict[str, str]] = collections.deque(maxlen=100)
+
+    # -- RemoteLayers, called from gRPC threads ---------------------------------------
+    def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> str | None:
+        digest = labels.get("containerd.io/snapshot/cri.layer-digest") or labels.get(
+            "containerd.io/snapshot/remote/stargz.digest", "?"
+        )
+        if not self._cfg.lazy:
+            return None
+        try:
+            source = layer_source(labels)
+            path = self._find_in_roots(source.layer_digest)
+            if path is not None:
+                log.info("layer %s: served from repository path %s", source.layer_digest, path)
+                return json.dumps({"mode": "path", "path": str(path),
+                                   "digest": source.layer_digest, "ref": source.image_ref})
+            handle = self._run(self._attach, source)
+        except errors.LazysnapError as exc:
+            return self._fallback(digest, labels, exc)
+        except Exception as exc:
+            log.exception("layer %s: unexpected error while preparing it remotely", digest)
+            return self._fallback(digest, labels, exc)
+        log.info("layer %s: lazy (image %s)", digest, source.image_ref)
+        return handle
+
+    def lowerdir(self, handle: str) -> str:
+        h = json.loads(handle)
+        if h["mode"] == "path":
+            return h["path"]
+        return str(self._mountpoint / h["dir"])
+
+    def check(self, handle: str) -> None:
+        h = json.loads(handle)
+        if h["mode"] == "path":
+            if not os.path.isdir(h["path"]):
+                raise errors.Unavailable(f"layer {h['digest']}: {h['path']} is gone")
+            return
+        with self._lock:
+            layer = self._layers.get(h["digest"])
+            attached = layer is not None and layer.blob is not None
+        if not attached:
+            # Restore found the registry unreachable; try again now that it is needed.
+            self._run(self._restore, h)
+
+    def release(self, handle: str) -> None:
+        h = json.loads(handle)
+        if h["mode"] == "path":
+            return
+        with self._lock:
+            layer = self._layers.get(h["digest"])
+            if layer is None:
+                return
+            layer.refs -= 1
+            if layer.refs > 0:
+                return
+            del self._layers[h["digest"]]
+        if layer.blob is not None:
+            self._run(self._detach, layer.dir)
+
+    def restore(self, handle: str) -> None:
+        h = json.loads(handle)
+        if h["mode"] == "path":
+            return
+        with self._lock:
+            self._next_dir = max(self._next_dir, int(h["dir"]) + 1)
+        try:
+            self._run(self._restore, h, True)
+        except errors.LazysnapError as exc:
+            log.warning("layer %s: not restored now (%s); will retry on first use",
+                        h["digest"], exc)
+
+    # -- status -------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            layers = list(self._layers.values())
+        rows = []
+        for layer in layers:
+            stats = layer.blob.statistics() if layer.blob is not None else None
+            fetched = stats.bytes_fetched if stats else 0
+            rows.append({
+                "image_ref": layer.source.image_ref,
+                "layer_digest": layer.source.layer_digest,
+                "mode": "lazy" if layer.blob is not None else "lazy (not restored)",
+                "path": str(self._mountpoint / layer.dir),
+                "size": layer.blob_size,
+                "bytes_fetched": fetched,
+                "percent_fetched": round(100 * fetched / layer.blob_size, 1)
+                if layer.blob_size else 0.0,
+                "cache_hits": stats.cache_hits if stats else 0,
+                "snapshots": layer.refs,
+                "error": layer.error,
+            })
+        return {
+            "layers": rows,
+            "fallbacks": list(self.recent_fallbacks),
+            "fallback_counts": dict(self.fallbacks),
+        }
+
+    # -- internals ----------------------------------------------------------------------
+    def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def _fallback(self, digest: str, labels: Mapping[str, str], exc: BaseException) -> None:
+        reason = _reason(exc)
+        self.fallbacks[reason] += 1
+        ref = labels.get("containerd.io/snapshot/cri.image-ref") or labels.get(
+            "containerd.io/snapshot/remote/stargz.reference", "")
+        self.recent_fallbacks.append(
+            {"image_ref": ref, "layer_digest": digest, "reason": reason, "detail": str(exc)}
+        )
+        if self._cfg.require_lazy:
+            log.error("layer %s: cannot be served lazily (%s: %s); require_lazy is set",
+                      digest, reason, exc)
+            raise LayerFallback(f"layer {digest}: cannot be served lazily: {exc}") from exc
+        log.info("layer %s: fallback to a full download (%s: %s)", digest, reason, exc)
+        return None
+
+    def _find_in_roots(self, layer_digest: str) -> Path | None:
+        if not self._cfg.repository_roots:
+            return None
+        d = Digest.parse(layer_digest)
+        for root in self._cfg.repository_roots:
+            candidate = Path(root) / d.hex[:2] / d.hex / "layerfs"
+            if candidate.is_dir():
+                return candidate
+        return None
+
+    def _fetcher(self, source: LayerSource) -> Callable[[int, int], Awaitable[bytes]]:
+        ref = Reference.parse(source.image_ref)
+        return partial(self._client.read_blob_range, ref, Digest.parse(source.layer_digest))
+
+    async def _attach(self, source: LayerSource) -> str:
+        with self._lock:
+            layer = self._layers.get(source.layer_digest)
+            if layer is not None and layer.blob is not None:
+                layer.refs += 1
+                return self._handle(layer)
+        toc_digest = Digest.parse(source.toc_digest) if source.toc_digest else None
+        unverified_ok = self._cfg.allow_no_verification and source.skip_verify
+        ref = Reference.parse(source.image_ref)
+        digest = Digest.parse(source.layer_digest)
+        size = await self._client.blob_size(ref, digest)
+        fetch = self._fetcher(source)
+        toc_bytes: list[bytes] = []
+        toc = await load_toc(
+            fetch, blob_size=size, toc_digest=toc_digest,
+            max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
+            allow_unverified=unverified_ok, timeout=self._cfg.fetch_timeout,
+            name=f"layer {digest}", raw_sink=toc_bytes.append,
+        )
+        if toc_digest is not None and toc_bytes:
+            await trio.to_thread.run_sync(self._tocs.save, toc_digest, toc_bytes[0], toc.toc_offset)
+        with self._lock:
+            layer = self._layers.get(source.layer_digest)
+            if layer is not None and layer.blob is not None:  # lost a race: share it
+                layer.refs += 1
+                return self._handle(layer)
+            if layer is None:
+                layer = _Attached(dir=str(self._next_dir), source=source, blob_size=size)
+                self._next_dir += 1
+                self._layers[source.layer_digest] = layer
+        blob = RemoteBlob(fetch, self._cache, blob_size=size,
+                          fetch_timeout=self._cfg.fetch_timeout, name=f"layer {digest}")
+        tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)
+        self._repo.attach(layer.dir, tree, blob)
+        with self._lock:
+            layer.blob, layer.error = blob, ""
+            layer.refs += 1
+        return self._handle(layer)
+
+    async def _restore(self, h: dict[str, Any], counting: bool = False) -> None:
+        """Attach a layer recorded in a handle: from the stored TOC when we have it (no
+        network needed), else fetched again."""
+        source = LayerSource(image_ref=h["ref"], layer_digest=h["digest"],
+                             toc_digest=h.get("toc", ""))
+        with self._lock:
+            layer = self._layers.get(h["digest"])
+            if layer is None:
+                layer = _Attached(dir=h["dir"], source=source, blob_size=h["size"])
+                self._layers[h["digest"]] = layer
+            if counting:
+                layer.refs += 1
+            if layer.blob is not None:
+                return
+        fetch = self._fetcher(source)
+        toc = None
+        if source.toc_digest:
+            toc = await trio.to_thread.run_sync(
+                partial(self._tocs.load, Digest.parse(source.toc_digest), blob_size=h["size"],
+                        max_entries=self._cfg.max_toc_entries)
+            )
+        try:
+            if toc is None:
+                toc = await load_toc(
+                    fetch, blob_size=h["size"],
+                    toc_digest=Digest.parse(source.toc_digest) if source.toc_digest else None,
+                    max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
+                    allow_unverified=not source.toc_digest, timeout=self._cfg.fetch_timeout,
+                    name=f"layer {h['digest']}",
+                )
+        except errors.LazysnapError as exc:
+            layer.error = str(exc)
+            raise errors.Unavailable(f"layer {h['digest']}: cannot restore: {exc}") from exc
+        blob = RemoteBlob(fetch, self._cache, blob_size=h["size"],
+                          fetch_timeout=self._cfg.fetch_timeout, name=f"layer {h['digest']}")
+        tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)
+        self._repo.attach(layer.dir, tree, blob)
+        with self._lock:
+            layer.blob, layer.error = blob, ""
+
+    async def _detach(self, dir_: str) -> None:
+        self._repo.detach(dir_)
+
+    def _handle(self, layer: _Attached) -> str:
+        return json.dumps({
+            "mode": "lazy", "dir": layer.dir, "digest": layer.source.layer_digest,
+            "ref": layer.source.image_ref, "toc": layer.source.toc_digest,
+            "size": layer.blob_size,
+        })
