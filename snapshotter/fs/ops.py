@@ -28,12 +28,16 @@ __all__ = ["ATTR_TIMEOUT", "RepositoryOperations"]
 log = logging.getLogger(__name__)
 
 # Layers are immutable, so the kernel may cache names and attributes inside a layer for
-# as long as it likes; only the repository root changes (attach/detach), and its
-# entries are revalidated on every path walk (timeout 0) so a detached or re-attached
-# layer id never resolves to a stale directory. That costs one lookup per path walk
-# through <mount>/<id>; overlayfs holds its lowerdir dentries and does not walk.
+# as long as it likes. Only the repository root changes (attach/detach): its entries are
+# revalidated on every path walk (timeout 0), so a detached or re-attached layer id never
+# resolves to a stale directory and no invalidation notice is needed (pyfuse3's notify
+# calls can block on the very requests this thread serves). That costs one lookup per
+# path walk through <mount>/<id>; overlayfs and bind mounts hold their dentries and do
+# not walk it. The root's own attributes (nlink, mtime) may lag by a second: the
+# kernel's permission check needs them on every such walk.
 ATTR_TIMEOUT = 24 * 3600.0
-_ROOT_TIMEOUT = 0.0
+_ENTRY_TIMEOUT_ROOT = 0.0
+_ATTR_TIMEOUT_ROOT = 1.0
 
 # category -> (errno for metadata requests, errno for reads of file contents).
 # A read(2) that fails for any reason outside the caller's control is EIO: ENOENT or
@@ -118,7 +122,8 @@ class RepositoryOperations(pyfuse3.Operations):
     def _root_attrs(self) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = pyfuse3.ROOT_INODE
-        a.entry_timeout = a.attr_timeout = _ROOT_TIMEOUT
+        a.entry_timeout = _ENTRY_TIMEOUT_ROOT
+        a.attr_timeout = _ATTR_TIMEOUT_ROOT
         a.st_mode = 0o40755
         a.st_nlink = 2 + len(self.repository.layers())
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.repository.changed_ns
@@ -128,7 +133,7 @@ class RepositoryOperations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = layer.ino(node.ino)
         a.attr_timeout = ATTR_TIMEOUT
-        a.entry_timeout = _ROOT_TIMEOUT if node.ino == ROOT else ATTR_TIMEOUT
+        a.entry_timeout = _ENTRY_TIMEOUT_ROOT if node.ino == ROOT else ATTR_TIMEOUT
         a.st_mode = node.mode
         a.st_nlink = node.nlink
         a.st_uid = node.uid

@@ -110,7 +110,8 @@ async def test_root_lists_layers_and_revalidates_always(setup, monkeypatch) -> N
     ops, *_ = setup
     assert REPOSITORY_ROOT == ROOT
     root = await ops.getattr(ROOT, CTX)
-    assert (root.st_mode, root.st_nlink, root.attr_timeout) == (stat.S_IFDIR | 0o755, 4, 0)
+    assert (root.st_mode, root.st_nlink, root.entry_timeout) == (stat.S_IFDIR | 0o755, 4, 0)
+    assert root.attr_timeout <= 1
     assert await listdir(ops, ROOT, monkeypatch, page=1) == [b"1", b"2"]
     layer = await ops.lookup(ROOT, b"2", CTX)
     assert (layer.entry_timeout, layer.attr_timeout) == (0, ATTR_TIMEOUT)
