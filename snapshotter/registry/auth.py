@@ -122,10 +122,14 @@ class RegistryAuth(httpx.Auth):
             self._bearer = bearer
             wanted = set(scopes)
             wanted.update(s for s in bearer.params.get("scope", "").split(" ") if s)
-            self._tokens.pop(key, None)
             async with self._lock(key):
-                token_response = yield await self._token_request(bearer, tuple(sorted(wanted)))
-                await self._store(token_response, bearer, key)
+                # Another task may have fetched a token while we waited; only the one
+                # this request was refused with is known to be bad.
+                fresh = self._cached(key)
+                if fresh is None or fresh == token:
+                    self._tokens.pop(key, None)
+                    token_response = yield await self._token_request(bearer, tuple(sorted(wanted)))
+                    await self._store(token_response, bearer, key)
             request.headers["Authorization"] = f"Bearer {self._tokens[key].value}"
             yield request
         elif any(c.scheme == "basic" for c in challenges) and not sent_basic:

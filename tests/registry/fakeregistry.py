@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import httpx
+import trio
 
 TOKEN_HOST = "auth.test"
 STORAGE_HOST = "storage.test"
@@ -74,7 +75,11 @@ class FakeRegistry:
         self._scripts[path].extend(items)
 
     def transport(self) -> httpx.MockTransport:
-        return httpx.MockTransport(self.handle)
+        async def handle(request: httpx.Request) -> httpx.Response:
+            await trio.lowlevel.checkpoint()  # let concurrent requests interleave
+            return self.handle(request)
+
+        return httpx.MockTransport(handle)
 
     def requests_to(self, host: str, method: str | None = None) -> list[Seen]:
         return [

@@ -64,6 +64,24 @@ async def test_bearer_anonymous_and_token_cached_per_scope(
     assert [s.url.host for s in fake.seen] == [TOKEN_HOST, "registry.test"]
 
 
+async def test_concurrent_requests_share_one_token(
+    fake: FakeRegistry, make_client: MakeClient
+) -> None:
+    fake.auth = "bearer"
+    digest = Digest.parse(fake.add_blob(DATA))
+    client = make_client()
+    results: dict[int, bytes] = {}
+
+    async def read(i: int) -> None:
+        results[i] = await client.read_blob_range(REF, digest, i, i + 1)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(read, i)
+    assert results == {i: DATA[i : i + 1] for i in range(10)}
+    assert len(fake.requests_to(TOKEN_HOST)) == 1
+
+
 async def test_bearer_with_password(fake: FakeRegistry, make_client: MakeClient) -> None:
     fake.auth, fake.users = "bearer", {"alice": PASSWORD}
     digest = Digest.parse(fake.add_blob(DATA))
