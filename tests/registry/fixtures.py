@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -165,7 +167,9 @@ def run_registry(
     )
     binary = REGISTRY_BIN if Path(REGISTRY_BIN).exists() else "docker-registry"
     with server.log_path.open("wb") as log:
-        proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            [binary, "serve", str(config)], stdout=log, stderr=log, preexec_fn=_die_with_parent
+        )
     try:
         _wait_ready(server, proc)
         yield server
@@ -178,6 +182,13 @@ def run_registry(
             proc.wait(timeout=10)
         if token_server is not None:
             token_server.stop()
+
+
+def _die_with_parent() -> None:
+    # If pytest itself is killed (SIGKILL, CI timeout), no finally runs: let the kernel
+    # stop the registry instead of leaving it behind.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _wait_ready(server: RegistryServer, proc: subprocess.Popen[bytes]) -> None:
