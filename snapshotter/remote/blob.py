@@ -254,9 +254,7 @@ class RemoteBlob:
         data = await self._fetch_range(start, end)
         self._bytes[purpose] += len(data)
         if len(data) != end - start:
-            raise ShortRead(
-                f"{self.name}: range [{start}, {end}) answered with {len(data)} bytes"
-            )
+            raise ShortRead(f"{self.name}: range [{start}, {end}) answered with {len(data)} bytes")
         return data
 
 
