@@ -12,6 +12,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 import tarfile
 import tempfile
 import time
@@ -171,7 +172,9 @@ def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 
 def _modtime(mtime: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(mtime // 1)))
+    """RFC 3339 in whole seconds, rounded; "" (omitted) for the epoch, as Go writers do."""
+    secs = math.floor(mtime + 0.5)
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(secs)) if secs else ""
 
 
 class _Writer:
@@ -257,7 +260,7 @@ class _Writer:
             chunk["offset"] = self._new_member()
             if done:
                 chunk["chunkOffset"] = done
-            if size == self.chunk_size:  # a short last chunk runs to the end of the file
+            if done + size < info.size:  # spec: the last chunk says 0, "to the end"
                 chunk["chunkSize"] = size
             digest = hashlib.sha256()
             left = size

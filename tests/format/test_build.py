@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import tarfile
 
 import pytest
@@ -65,6 +66,17 @@ def test_chunking_and_members() -> None:
     big, exact = by_name["big.bin"], by_name["exact.bin"]
     assert [c.size for c in big.chunks] == [CHUNK, CHUNK, CHUNK // 2]
     assert [c.chunk_offset for c in exact.chunks] == [0, CHUNK]
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tf:
+        toc_json = json.load(tf.extractfile(TOC_NAME))  # type: ignore[arg-type]
+    sizes = {
+        e["name"]: e.get("chunkSize", 0)
+        for e in toc_json["entries"]
+        if e["name"] in ("big.bin", "exact.bin", "etc/hosts") and e.get("chunkOffset", 0) == 0
+    }
+    last = [e.get("chunkSize", 0) for e in toc_json["entries"] if e["type"] == "chunk"]
+    # spec: every chunk but a file's last says its size; the last (or only) one says 0
+    assert sizes == {"big.bin": CHUNK, "exact.bin": CHUNK, "etc/hosts": 0}
+    assert last == [CHUNK, 0, 0]
     assert not by_name["empty"].chunks and not by_name[".wh.gone"].chunks
     chunks = sorted((c for e in toc.entries for c in e.chunks), key=lambda c: c.offset)
     for c, nxt in zip(chunks, [*chunks[1:], None], strict=True):

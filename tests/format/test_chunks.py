@@ -111,9 +111,9 @@ def test_read_toc_json_over_limit() -> None:
 
 
 def test_read_toc_json_gzip_bomb_is_bounded() -> None:
-    # 256 MiB of zeros inflating from ~250 KiB: must be refused without inflating it all.
+    # 64 MiB of zeros inflating from ~64 KiB: must be refused without inflating it all.
     c = zlib.compressobj(9, zlib.DEFLATED, 31)
-    bomb = b"".join(c.compress(bytes(1 << 20)) for _ in range(256)) + c.flush()
+    bomb = b"".join(c.compress(bytes(1 << 20)) for _ in range(64)) + c.flush()
     assert len(bomb) < 1 << 20
     import tracemalloc
 
@@ -212,3 +212,18 @@ def test_verify_chunk_rejects_wrong_bytes() -> None:
         verify_chunk(b"right!", chunk)
     with pytest.raises(DataLoss, match="unusable digest"):
         verify_chunk(b"right", Chunk(0, 5, 0, 10, 0, "md5:abc"))
+
+
+def test_extract_from_a_bomb_is_bounded() -> None:
+    import tracemalloc
+
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = b"".join(c.compress(bytes(1 << 20)) for _ in range(64)) + c.flush()
+    chunk = _chunk(bytes(10), end=len(bomb), inner=100)
+    tracemalloc.start()
+    try:
+        assert extract_chunk(bomb, chunk) == bytes(10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20

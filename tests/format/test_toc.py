@@ -282,3 +282,102 @@ def test_too_many_entries() -> None:
 def test_toc_offset_outside_blob() -> None:
     with pytest.raises(InvalidTOC, match="outside blob"):
         _parse([], blob_size=TOC_AT)
+
+
+# --- robustness and size ------------------------------------------------------------------
+
+_ODD_VALUES: list[Any] = [
+    None, True, -1, 0, 1.5, 1 << 70, "", "x", "../..", "\0", [], {}, [1], {"a": 1},
+    "sha256:" + "0" * 64, "2021-01-01T00:00:00Z", "reg", "chunk", "hardlink", "dir", "a/b",
+]  # fmt: skip
+_KEYS = ["name", "type", "size", "offset", "innerOffset", "chunkOffset", "chunkSize",
+         "chunkDigest", "digest", "linkName", "mode", "uid", "modtime", "xattrs",
+         "devMajor"]  # fmt: skip
+
+
+def test_fuzzed_tocs_give_a_toc_or_invalid_toc() -> None:
+    """Any mutation of a valid TOC is accepted or refused as InvalidTOC, never a crash."""
+    import random
+
+    base = [
+        {"name": "d/", "type": "dir", "mode": 0o755},
+        _reg("d/f", size=20, offset=100, chunkSize=10, digest=D1),
+        {"name": "d/f", "type": "chunk", "offset": 200, "chunkOffset": 10, "chunkDigest": D2},
+        {"name": "d/h", "type": "hardlink", "linkName": "d/f"},
+        {"name": "s", "type": "symlink", "linkName": "d/f"},
+        _reg("g", size=5, offset=300, xattrs={"user.x": "eA=="}),
+        {"name": "c", "type": "char", "devMajor": 1, "devMinor": 5},
+    ]
+    rnd = random.Random(1234)
+    outcomes = {"ok": 0, "invalid": 0}
+    for _ in range(3000):
+        entries = [dict(e) for e in base]
+        for _ in range(rnd.randint(1, 3)):
+            e = rnd.choice(entries)
+            key = rnd.choice(_KEYS)
+            if rnd.random() < 0.2:
+                e.pop(key, None)
+            else:
+                e[key] = rnd.choice(_ODD_VALUES)
+        if rnd.random() < 0.2:
+            rnd.shuffle(entries)
+        try:
+            _parse(entries)
+            outcomes["ok"] += 1
+        except InvalidTOC:
+            outcomes["invalid"] += 1
+    assert outcomes["ok"] > 100 and outcomes["invalid"] > 1000
+
+
+def test_truncated_json_is_invalid() -> None:
+    doc = json.dumps({"version": 1, "entries": [_reg("a"), {"name": "b", "type": "dir"}]})
+    for cut in range(len(doc)):
+        with pytest.raises(InvalidTOC):
+            parse_toc(doc[:cut].encode(), blob_size=BLOB, toc_offset=TOC_AT)
+
+
+def _big_toc(n: int) -> bytes:
+    entries: list[dict[str, Any]] = []
+    offset = 1000
+    for i in range(n):
+        d = f"usr/lib/python3.11/site-packages/pkg{i // 1000}/sub{i // 20}"
+        if i % 20 == 0:
+            entries.append({"name": d + "/", "type": "dir", "mode": 0o40755,
+                            "modtime": "2024-01-01T00:00:00Z"})  # fmt: skip
+        elif i % 10 == 5:
+            entries.append({"name": f"{d}/link_{i}", "type": "symlink", "linkName": "x.py",
+                            "mode": 0o120777, "modtime": "2024-01-01T00:00:00Z"})  # fmt: skip
+        else:
+            digest = f"sha256:{i:064x}"
+            entries.append(
+                {"name": f"{d}/module_{i}.py", "type": "reg", "size": 3000 + i % 5000,
+                 "offset": offset, "mode": 0o100644, "digest": digest, "chunkDigest": digest,
+                 "modtime": f"2024-01-{1 + i % 28:02d}T00:00:00Z"}
+            )  # fmt: skip
+            offset += 1000 + i % 700
+    return json.dumps({"version": 1, "entries": entries}).encode()
+
+
+@pytest.mark.slow
+def test_memory_per_entry_for_100k_entries() -> None:
+    """The retained Toc and the parse's peak, per entry (tracemalloc, so Python heap)."""
+    import gc
+    import tracemalloc
+
+    n = 100_000
+    doc = _big_toc(n)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        toc = parse_toc(doc, blob_size=1 << 40, toc_offset=1 << 39)
+        _, peak = tracemalloc.get_traced_memory()
+        gc.collect()
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(toc.entries) == n + 1 + 4 + 100  # root, usr/lib/python3.11/site-packages, pkgs
+    per_entry, peak_per_entry = retained / n, (peak - len(doc)) / n
+    print(f"\n100k-entry TOC: {per_entry:.0f} B/entry retained, {peak_per_entry:.0f} B/entry peak")
+    # Today's model: Entry + name + Chunk + 1-tuple + digest str + ints ~ 570 B per file.
+    assert per_entry < 650
+    assert peak_per_entry < 1300  # the decoded text (~1 char per JSON byte) is most of it
