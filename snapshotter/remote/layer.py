@@ -23,7 +23,7 @@ from snapshotter.format.estargz import (
     read_toc_json,
 )
 from snapshotter.format.toc import Toc
-from snapshotter.remote.blob import FetchRange, RemoteBlob, ShortRead
+from snapshotter.remote.blob import DemandGauge, FetchRange, RemoteBlob, ShortRead
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
@@ -128,6 +128,7 @@ async def open_layer(
     allow_unverified: bool = False,
     fetch_timeout: float = 30.0,
     name: str = "layer",
+    demand: DemandGauge | None = None,
 ) -> RemoteLayer:
     """`load_toc`, then a `RemoteBlob` over the same source and the shared cache."""
     toc = await load_toc(
@@ -141,7 +142,12 @@ async def open_layer(
         name=name,
     )
     blob = RemoteBlob(
-        fetch_range, cache, blob_size=blob_size, fetch_timeout=fetch_timeout, name=name
+        fetch_range,
+        cache,
+        blob_size=blob_size,
+        fetch_timeout=fetch_timeout,
+        name=name,
+        demand=demand,
     )
     return RemoteLayer(toc=toc, blob=blob, verified=toc_digest is not None)
 
