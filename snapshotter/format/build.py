@@ -177,6 +177,13 @@ def _modtime(mtime: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(secs)) if secs else ""
 
 
+def _if_changed(last: dict[int, str], id_: int, name: str) -> str:
+    if not name or last.get(id_) == name:
+        return ""
+    last[id_] = name
+    return name
+
+
 class _Writer:
     """Writes tar bytes into gzip members, counting and hashing both sides."""
 
@@ -190,6 +197,8 @@ class _Writer:
         self.diff = hashlib.sha256()
         self.usize = 0
         self.toc: list[dict[str, Any]] = []
+        self.unames: dict[int, str] = {}
+        self.gnames: dict[int, str] = {}
 
     def _emit(self, data: bytes) -> None:
         if data:
@@ -229,8 +238,9 @@ class _Writer:
             "mode": info.mode,
             "uid": info.uid,
             "gid": info.gid,
-            "userName": info.uname,
-            "groupName": info.gname,
+            # As Go writers do: a name only where it changes for its id (readers ignore them).
+            "userName": _if_changed(self.unames, info.uid, info.uname),
+            "groupName": _if_changed(self.gnames, info.gid, info.gname),
         }
         if typ in ("symlink", "hardlink"):
             entry["linkName"] = info.linkname

@@ -211,3 +211,33 @@ class _Discard(io.RawIOBase):
 def test_rejects_unsupported_input() -> None:
     with pytest.raises(InvalidLayerTar):
         build_estargz(io.BytesIO(b"this is not a tar" * 100), io.BytesIO())
+
+
+def test_legacy_footer_blob_reads_the_same() -> None:
+    """A CRFS-era blob: same members, 47-byte footer without the SG subfield header."""
+    items = rich_items()
+    blob, result = _build(make_tar(items))
+    legacy_extra = f"{result.toc_offset:016x}STARGZ".encode()
+    legacy = (
+        b"\x1f\x8b\x08\x04" + bytes(4) + b"\x00\xff" + len(legacy_extra).to_bytes(2, "little")
+        + legacy_extra + b"\x01\x00\x00\xff\xff" + bytes(8)
+    )  # fmt: skip
+    old = blob[:-51] + legacy
+    assert gzip.decompress(old) == gzip.decompress(blob)
+    toc, files = read_layer(old)
+    assert toc.blob_size == len(old)
+    assert files["big.bin"] == items[3].data
+
+
+def test_user_names_only_where_they_change() -> None:
+    items = [Item("a", uid=1), Item("b", uid=1), Item("c", uid=2)]
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as tf:
+        for it in items:
+            info = tarfile.TarInfo(it.name)
+            info.uid, info.uname = it.uid, f"user{it.uid}"
+            tf.addfile(info)
+    blob, _ = _build(tar.getvalue())
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tf:
+        entries = json.load(tf.extractfile(TOC_NAME))["entries"]  # type: ignore[arg-type]
+    assert [e.get("userName") for e in entries] == ["user1", None, "user2"]
