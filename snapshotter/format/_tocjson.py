@@ -46,11 +46,15 @@ def parse_toc(
     Names are normalised ("./a/b/" -> "a/b"); names with ".." or NUL are refused, so no
     entry escapes the layer. A name may appear once, except that a directory may be
     declared again as a directory: the later attributes win, as when containerd applies a
-    tar. Hardlinks must name an earlier non-directory entry; `chunk` entries must follow
-    the `reg` entry of their file and tile it exactly; chunks lie inside [0, toc_offset)
-    and never share uncompressed bytes. Missing parents become 0o755 directories. The
-    landmark files are recorded in `Toc.prefetch_landmark` / `Toc.no_prefetch` and left
-    out of `entries`. Anything else raises InvalidTOC naming the entry.
+    tar. Hardlinks must name an earlier non-directory entry (chains resolve to the
+    first). `chunk` entries must follow the `reg` entry of their file and tile it exactly
+    (chunkSize 0: to the end of the file). Payload offsets lie in [0, toc_offset) and do
+    not decrease in TOC order, as writers emit them; a chunk's member ends at the next
+    larger offset (or the TOC), and chunks sharing a member (innerOffset) never share
+    bytes. Every non-empty chunk needs a chunkDigest. Missing parents become 0o755
+    directories. The landmark files are recorded in `Toc.prefetch_landmark` /
+    `Toc.no_prefetch` and left out of `entries`. Anything else raises InvalidTOC naming
+    the entry; the document is decoded one entry at a time to bound peak memory.
     """
     if not 0 <= toc_offset < blob_size:
         raise InvalidTOC(f"eStargz toc: offset {toc_offset} outside blob of {blob_size} bytes")
