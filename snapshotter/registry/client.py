@@ -14,16 +14,14 @@ from pathlib import Path
 import httpx
 
 from snapshotter.digest import Digest
-from snapshotter.errors import ClosedError, LazysnapError, NotFound
+from snapshotter.errors import LazysnapError, NotFound
 from snapshotter.registry import push
-from snapshotter.registry.auth import SCOPE_EXTENSION, RegistryAuth, repository_scope
 from snapshotter.registry.credentials import (
     ChainedCredentials,
     CredentialSource,
     DockerConfigCredentials,
 )
 from snapshotter.registry.errors import (
-    BlobNotFound,
     ManifestInvalid,
     ManifestNotFound,
     RegistryRejected,
@@ -41,19 +39,17 @@ from snapshotter.registry.manifest import (
     Platform,
     host_platform,
 )
-from snapshotter.registry.redirects import REDACT_URLS, RedirectCache
-from snapshotter.registry.reference import DOCKER_HUB, Reference
+from snapshotter.registry.redirects import REDACT_URLS
+from snapshotter.registry.reference import Reference
 from snapshotter.registry.responses import range_body, read_capped, verified_manifest
 from snapshotter.registry.retry import RetryPolicy, parse_retry_after
-from snapshotter.registry.tls import ssl_context
+from snapshotter.registry.session import Session
 
 __all__ = ["RegistryClient"]
 
 log = logging.getLogger(__name__)
 
-_MAX_REDIRECTS = 5
 _MAX_ERROR_BODY = 64 << 10
-_USER_AGENT = "lazysnap/0.1"
 
 
 class RegistryClient:
@@ -88,14 +84,10 @@ class RegistryClient:
         if extra_credentials is not None:
             sources.append(extra_credentials)
         sources.append(DockerConfigCredentials(docker_config))
-        self._credentials = ChainedCredentials(sources)
-        self._timeout = timeout
-        self._transport = transport  # a test seam: httpx.MockTransport
         retry = retry or RetryPolicy(max_attempts=max_attempts)
         self.failover = Failover(hosts_dir, retry, timeout, _translate)
-        self._clients: dict[tuple[object, ...], httpx.AsyncClient] = {}
-        self._auths: dict[str, RegistryAuth] = {}
-        self.redirects = RedirectCache()
+        self.session = Session(ChainedCredentials(sources), timeout, transport, _raise_for_status)
+        self.redirects = self.session.redirects
         logging.getLogger("httpx").addFilter(REDACT_URLS)  # a set: adding twice keeps one
 
     # -- public API ------------------------------------------------------------------
@@ -123,12 +115,20 @@ class RegistryClient:
         what = f"blob {digest} of {ref.host}/{ref.repository}"
 
         async def op(ep: Endpoint) -> int:
-            response = await self._blob_request(ep, ref, digest, what, {}, method="HEAD")
+            response = await self.session.blob_request(ep, ref, digest, what, {}, method="HEAD")
             await response.aclose()
             length = response.headers.get("content-length")
             if length is not None and length.isdigit():
                 return int(length)
-            raise ShortRead(f"{what}: HEAD answered without Content-Length")
+            # Some proxies drop it on HEAD; a one-byte range states the total instead.
+            response = await self.session.blob_request(
+                ep, ref, digest, what, {"Range": "bytes=0-0"}
+            )
+            await response.aclose()
+            total = response.headers.get("content-range", "").rpartition("/")[2]
+            if response.status_code == 206 and total.isdigit():
+                return int(total)
+            raise ShortRead(f"{what}: neither Content-Length nor Content-Range")
 
         return await self.failover.run(ref.host, "pull", what, op)
 
@@ -140,7 +140,7 @@ class RegistryClient:
         headers = {"Range": f"bytes={start}-{end - 1}"}
 
         async def op(ep: Endpoint) -> bytes:
-            response = await self._blob_request(ep, ref, digest, what, headers)
+            response = await self.session.blob_request(ep, ref, digest, what, headers)
             try:
                 return await range_body(response, start, end, what)
             finally:
@@ -153,7 +153,7 @@ class RegistryClient:
         what = f"blob {digest} of {ref.host}/{ref.repository}"
 
         async def op(ep: Endpoint) -> bytes:
-            response = await self._blob_request(ep, ref, digest, what, {})
+            response = await self.session.blob_request(ep, ref, digest, what, {})
             try:
                 if response.status_code != 200:
                     raise RegistryRejected(f"{what}: unexpected HTTP {response.status_code}")
@@ -177,49 +177,7 @@ class RegistryClient:
 
     async def aclose(self) -> None:
         self.failover.closed = True
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.aclose()
-
-    # -- used by push.py -------------------------------------------------------------
-
-    def blob_url(self, ep: Endpoint, ref: Reference, digest: Digest) -> str:
-        return f"{ep.base_url}/{ref.repository}/blobs/{digest}"
-
-    def blob_upload_url(self, ep: Endpoint, ref: Reference) -> str:
-        return f"{ep.base_url}/{ref.repository}/blobs/uploads/"
-
-    def manifest_url(self, ep: Endpoint, ref: Reference, obj: str) -> str:
-        return f"{ep.base_url}/{ref.repository}/manifests/{obj}"
-
-    async def exchange(
-        self,
-        ep: Endpoint,
-        ref: Reference,
-        method: str,
-        url: str,
-        what: str,
-        not_found: type[NotFound],
-        *,
-        headers: dict[str, str] | None = None,
-        content: bytes | None = None,
-        push: bool = False,
-        extra_scopes: tuple[str, ...] = (),
-        ok: tuple[int, ...] = (200, 201, 202, 204, 206),
-    ) -> httpx.Response:
-        """One authorized request to the registry (not following redirects), body read."""
-        response = await self._send(
-            ep, ref, method, url, headers, content, push=push, extra_scopes=extra_scopes
-        )
-        try:
-            if response.status_code not in ok:
-                await _raise_for_status(response, ep, what, not_found)
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
-
-    # -- machinery -------------------------------------------------------------------
+        await self.session.aclose()
 
     async def _fetch_manifest(
         self,
@@ -236,126 +194,20 @@ class RegistryClient:
         )
 
         async def op(ep: Endpoint) -> Manifest | Index:
-            url = self.manifest_url(ep, ref, obj)
-            response = await self._send(ep, ref, "GET", url, {"Accept": ACCEPT_MANIFESTS}, None)
+            url = self.session.manifest_url(ep, ref, obj)
+            headers = {"Accept": ACCEPT_MANIFESTS}
+            response = await self.session.following(
+                ep, ref, "GET", url, headers, what, ManifestNotFound
+            )
             try:
                 if response.status_code != 200:
-                    await _raise_for_status(response, ep, what, ManifestNotFound)
+                    raise RegistryRejected(f"{what}: unexpected HTTP {response.status_code}")
                 raw = await read_capped(response, MAX_MANIFEST_BYTES, what)
             finally:
                 await response.aclose()
             return verified_manifest(response, raw, expected, size, what)
 
         return await self.failover.run(ref.host, capability, what, op)
-
-    async def _blob_request(
-        self,
-        ep: Endpoint,
-        ref: Reference,
-        digest: Digest,
-        what: str,
-        headers: dict[str, str],
-        method: str = "GET",
-    ) -> httpx.Response:
-        """GET (or HEAD) a blob, following redirects to storage without our credentials.
-
-        A GET goes to the remembered storage URL first while it works. Returns an open
-        streaming response with status 200 or 206; the caller closes it.
-        """
-        key = (ep.netloc, ref.repository, str(digest))
-        cached = self.redirects.get(key) if method == "GET" else None
-        if cached is not None:
-            try:
-                response = await self._plain(method, cached, headers)
-            except httpx.HTTPError as exc:
-                log.debug("%s: cached redirect failed (%s); resolving again", what, type(exc))
-            else:
-                if response.status_code in (200, 206):
-                    return response
-                await response.aclose()
-                log.debug("%s: cached redirect answered %d", what, response.status_code)
-            self.redirects.drop(key)
-        url = self.blob_url(ep, ref, digest)
-        response = await self._send(ep, ref, method, url, headers, None)
-        hops = 0
-        while response.is_redirect and hops < _MAX_REDIRECTS:
-            await response.aclose()
-            url = str(response.url.join(response.headers["location"]))
-            hops += 1
-            if _same_origin(url, ep):
-                response = await self._send(ep, ref, method, url, headers, None)
-            else:
-                # Storage URLs carry their own signature; our credentials stay home.
-                response = await self._plain(method, url, headers)
-                if method == "GET" and response.status_code in (200, 206):
-                    self.redirects.put(key, url)
-        if response.status_code not in (200, 206):
-            try:
-                await _raise_for_status(response, ep, what, BlobNotFound)
-            finally:
-                await response.aclose()
-        return response
-
-    async def _plain(self, method: str, url: str, headers: dict[str, str]) -> httpx.Response:
-        client = self._client(None)
-        request = client.build_request(method, url, headers=headers)
-        return await client.send(request, stream=True, follow_redirects=True)
-
-    async def _send(
-        self,
-        ep: Endpoint,
-        ref: Reference,
-        method: str,
-        url: str,
-        headers: dict[str, str] | None,
-        content: bytes | None,
-        *,
-        push: bool = False,
-        extra_scopes: tuple[str, ...] = (),
-    ) -> httpx.Response:
-        if self.failover.closed:
-            raise ClosedError("registry client is closed")
-        client = self._client(ep)
-        params = {"ns": ep.upstream} if ep.is_mirror else None
-        request = client.build_request(
-            method,
-            url,
-            headers={**dict(ep.headers), **(headers or {})},
-            content=content,
-            params=params,
-            extensions={
-                SCOPE_EXTENSION: (repository_scope(ref.repository, push=push), *extra_scopes)
-            },
-        )
-        log.debug("%s %s://%s%s", method, request.url.scheme, ep.netloc, request.url.path)
-        return await client.send(request, auth=self._auth(ep), stream=True)
-
-    def _auth(self, ep: Endpoint) -> RegistryAuth:
-        auth = self._auths.get(ep.netloc)
-        if auth is None:
-            host = DOCKER_HUB if ep.upstream == DOCKER_HUB and not ep.is_mirror else ep.netloc
-            auth = self._auths[ep.netloc] = RegistryAuth(host, self._credentials)
-        return auth
-
-    def _client(self, ep: Endpoint | None) -> httpx.AsyncClient:
-        key: tuple[object, ...] = () if ep is None else (ep.skip_verify, ep.ca, ep.client_certs)
-        client = self._clients.get(key)
-        if client is None:
-            client = httpx.AsyncClient(
-                verify=ssl_context(ep) if self._transport is None else True,
-                transport=self._transport,
-                timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)),
-                headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
-                follow_redirects=False,
-                trust_env=False,
-            )
-            self._clients[key] = client
-        return client
-
-
-def _same_origin(url: str, ep: Endpoint) -> bool:
-    parsed = httpx.URL(url)
-    return parsed.scheme == ep.scheme and parsed.netloc.decode() == ep.netloc
 
 
 def _ssl_error(exc: BaseException) -> ssl.SSLError | None:

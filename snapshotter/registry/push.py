@@ -52,20 +52,20 @@ async def push_blob(
         size = (await trio.Path(data).stat()).st_size
 
     async def op(ep: Endpoint) -> None:
-        blob_url = client.blob_url(ep, ref, digest)
+        blob_url = client.session.blob_url(ep, ref, digest)
         try:
-            await client.exchange(ep, ref, "HEAD", blob_url, what, BlobNotFound, push=True)
+            await client.session.exchange(ep, ref, "HEAD", blob_url, what, BlobNotFound, push=True)
             return  # already there
         except BlobNotFound:
             pass
-        upload_url = client.blob_upload_url(ep, ref)
+        upload_url = client.session.blob_upload_url(ep, ref)
         extra: tuple[str, ...] = ()
         if mount_from is not None and mount_from != ref.repository:
             upload_url = str(
                 httpx.URL(upload_url).copy_merge_params({"mount": str(digest), "from": mount_from})
             )
             extra = (repository_scope(mount_from),)
-        started = await client.exchange(
+        started = await client.session.exchange(
             ep,
             ref,
             "POST",
@@ -82,7 +82,7 @@ async def push_blob(
         if size <= chunk_size:
             body = data if isinstance(data, bytes) else await trio.Path(data).read_bytes()
             final = httpx.URL(location).copy_merge_params({"digest": str(digest)})
-            await client.exchange(
+            await client.session.exchange(
                 ep,
                 ref,
                 "PUT",
@@ -99,7 +99,7 @@ async def push_blob(
         async with _chunks(data, chunk_size) as chunks:
             async for chunk in chunks:
                 headers = {**_OCTETS, "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
-                patched = await client.exchange(
+                patched = await client.session.exchange(
                     ep,
                     ref,
                     "PATCH",
@@ -114,7 +114,7 @@ async def push_blob(
                 location = _location(patched, location, what)
                 offset += len(chunk)
         final = httpx.URL(location).copy_merge_params({"digest": str(digest)})
-        await client.exchange(
+        await client.session.exchange(
             ep, ref, "PUT", str(final), what, BlobNotFound, push=True, ok=(201, 204)
         )
 
@@ -131,11 +131,11 @@ async def put_manifest(
     what = f"upload of manifest {ref.host}/{ref.repository}:{obj}"
 
     async def op(ep: Endpoint) -> None:
-        response = await client.exchange(
+        response = await client.session.exchange(
             ep,
             ref,
             "PUT",
-            client.manifest_url(ep, ref, obj),
+            client.session.manifest_url(ep, ref, obj),
             what,
             ManifestNotFound,
             headers={"Content-Type": media_type},
