@@ -6,7 +6,9 @@ import gzip
 import hashlib
 import io
 import json
+import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 from estargz_layers import CHUNK, Item, make_tar, read_layer, rich_items
@@ -241,3 +243,26 @@ def test_user_names_only_where_they_change() -> None:
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tf:
         entries = json.load(tf.extractfile(TOC_NAME))["entries"]  # type: ignore[arg-type]
     assert [e.get("userName") for e in entries] == ["user1", None, "user2"]
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax"])
+def test_gnu_sparse_input_becomes_a_plain_file(tmp_path: Path, fmt: str) -> None:
+    """GNU tar's sparse encodings (old GNU and PAX 1.0) come out as ordinary files."""
+    f = tmp_path / "src" / "sparse"
+    f.parent.mkdir()
+    with f.open("wb") as fh:
+        fh.truncate(3 * CHUNK)
+        fh.seek(CHUNK + 100)
+        fh.write(b"island")
+    tar = tmp_path / "in.tar"
+    subprocess.run(
+        ["tar", "--sparse", f"--format={fmt}", "-cf", tar, "-C", f.parent, "sparse"], check=True
+    )
+    with tarfile.open(tar) as tf:
+        assert tf.getmember("sparse").sparse  # the input really is sparse
+    blob, _ = _build(tar.read_bytes())
+    _, files = read_layer(blob)
+    assert files["sparse"] == f.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tf:
+        member = tf.getmember("sparse")
+        assert member.sparse is None and member.isreg() and member.size == 3 * CHUNK
