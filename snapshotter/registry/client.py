@@ -143,6 +143,10 @@ class RegistryClient:
             response = await self.session.blob_request(ep, ref, digest, what, headers)
             try:
                 return await range_body(response, start, end, what)
+            except BaseException:
+                # A storage URL that broke mid-body is not reused; the registry decides.
+                self.redirects.drop(self.session.redirect_key(ep, ref, digest))
+                raise
             finally:
                 await response.aclose()
 

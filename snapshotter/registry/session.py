@@ -95,6 +95,9 @@ class Session:
 
     # -- machinery -------------------------------------------------------------------
 
+    def redirect_key(self, ep: Endpoint, ref: Reference, digest: Digest) -> tuple[str, str, str]:
+        return (ep.netloc, ref.repository, str(digest))
+
     async def blob_request(
         self,
         ep: Endpoint,
@@ -109,7 +112,7 @@ class Session:
         A GET goes to the remembered storage URL first while it works. Returns an open
         streaming response with status 200 or 206; the caller closes it.
         """
-        key = (ep.netloc, ref.repository, str(digest))
+        key = self.redirect_key(ep, ref, digest)
         cached = self.redirects.get(key) if method == "GET" else None
         if cached is not None:
             try:
@@ -186,7 +189,7 @@ class Session:
         request = client.build_request(
             method,
             url,
-            headers={**dict(ep.headers), **(headers or {})},
+            headers=[*ep.headers, *(headers or {}).items()],
             content=content,
             params=params,
             extensions={

@@ -191,6 +191,28 @@ async def test_redirect_is_reused_until_it_expires(
     ]
 
 
+async def test_storage_failures_send_us_back_to_the_registry(
+    fake: FakeRegistry, make_client: MakeClient
+) -> None:
+    fake.redirect_blobs = True
+    client = make_client()
+    digest = Digest.parse(fake.add_blob(DATA))
+    await client.read_blob_range(REF, digest, 0, 10)
+    storage_path = f"/store/{digest}"
+    # the remembered URL refuses the connection: resolved again, read succeeds
+    fake.script(storage_path, ["connect"])
+    fake.seen.clear()
+    assert await client.read_blob_range(REF, digest, 0, 10) == DATA[:10]
+    assert [s.url.host for s in fake.seen] == [STORAGE_HOST, "registry.test", STORAGE_HOST]
+    # storage answers garbage: the read fails, and the URL is not trusted again
+    fake.script(storage_path, [(206, {"Content-Range": "bytes 0-1/2"})])
+    with pytest.raises(ShortRead):
+        await client.read_blob_range(REF, digest, 0, 10)
+    fake.seen.clear()
+    assert await client.read_blob_range(REF, digest, 0, 10) == DATA[:10]
+    assert [s.url.host for s in fake.seen] == ["registry.test", STORAGE_HOST]
+
+
 async def test_redirect_cache_entries_expire(
     fake: FakeRegistry, make_client: MakeClient, autojump_clock: object
 ) -> None:
