@@ -125,7 +125,7 @@ def _inflate(data: bytes, skip: int, want: int, what: str, *, upto: bool = False
             while len(out) < want and not d.eof:
                 piece = d.decompress(pending, min(skip, 1 << 20) + want - len(out))
                 pending = d.unconsumed_tail
-                if not piece and not pending:
+                if not piece and not pending and not d.eof:
                     raise DataLoss(f"{what}: truncated gzip member")
                 if skip:
                     dropped = min(skip, len(piece))

@@ -163,6 +163,11 @@ def test_extract_spanning_members() -> None:
     assert extract_chunk(comp, chunk) == whole[100:]
 
 
+def test_extract_across_empty_members() -> None:
+    comp = _member(b"") + _member(b"abc") + _member(b"") + _member(b"defgh")
+    assert extract_chunk(comp, _chunk(b"bcdefg", end=len(comp), inner=1)) == b"bcdefg"
+
+
 def test_extract_empty_chunk() -> None:
     assert extract_chunk(_member(b""), _chunk(b"", end=20)) == b""
 
