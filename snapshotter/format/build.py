@@ -229,6 +229,10 @@ class _Writer:
     def add(self, info: tarfile.TarInfo, payload: IO[bytes] | None) -> None:
         info = _plain(info)
         typ = _TYPES.get(info.type)
+        try:  # the TOC is JSON: a name that is not UTF-8 could not be looked up again
+            info.name.encode(), info.linkname.encode()
+        except UnicodeEncodeError:
+            raise InvalidLayerTar(f"layer tar: {info.name!r}: name is not UTF-8") from None
         if typ is None:
             raise InvalidLayerTar(f"layer tar: {info.name!r} has unsupported type {info.type!r}")
         entry: dict[str, Any] = {

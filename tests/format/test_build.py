@@ -266,3 +266,11 @@ def test_gnu_sparse_input_becomes_a_plain_file(tmp_path: Path, fmt: str) -> None
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tf:
         member = tf.getmember("sparse")
         assert member.sparse is None and member.isreg() and member.size == 3 * CHUNK
+
+
+def test_refuses_names_that_are_not_utf8() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        tf.addfile(tarfile.TarInfo(b"caf\xe9".decode("utf-8", "surrogateescape")))
+    with pytest.raises(InvalidLayerTar, match="not UTF-8"):
+        build_estargz(io.BytesIO(buf.getvalue()), io.BytesIO())
