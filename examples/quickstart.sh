@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lazysnap quickstart: on a fresh Debian 12 machine, as root, install what is missing, then start
 # a scratch registry, containerd and lazysnap on loopback in a temporary directory, build and
-# push a small image, run a container through lazysnap, show what happened, and clean up.
+# push a small image, run a container through lazysnap, show a lazy start of an eStargz image
+# (time and bytes fetched against the image's size), and clean up.
 # Nothing outside the temporary directory is touched; your system containerd keeps running.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
