@@ -51,7 +51,8 @@ def parse_toc(
     (chunkSize 0: to the end of the file). Payload offsets lie in [0, toc_offset) and do
     not decrease in TOC order, as writers emit them; a chunk's member ends at the next
     larger offset (or the TOC), and chunks sharing a member (innerOffset) never share
-    bytes. Every non-empty chunk needs a chunkDigest. Missing parents become 0o755
+    bytes. Every non-empty chunk needs a chunkDigest (or, for a file stored as a single
+    chunk, its `digest`, which is all legacy CRFS TOCs have). Missing parents become 0o755
     directories. The landmark files are recorded in `Toc.prefetch_landmark` /
     `Toc.no_prefetch` and left out of `entries`. Anything else raises InvalidTOC naming
     the entry; the document is decoded one entry at a time to bound peak memory.
@@ -346,7 +347,9 @@ class _TocParser:
             )  # fmt: skip
         f.at += size
         inner = _int(raw, "innerOffset", i)
-        digest = _digest(raw, "chunkDigest", i, name, required=True)
+        whole = size == entry.size and entry.digest
+        # Legacy (CRFS) TOCs have no chunkDigest; a one-chunk file's digest says the same.
+        digest = _digest(raw, "chunkDigest", i, name, required=not whole) or entry.digest
         if digest == entry.digest:
             digest = entry.digest  # one string object for a single-chunk file
         self._advance(_int(raw, "offset", i), i, name)

@@ -114,6 +114,17 @@ def test_chunks_and_their_ends() -> None:
     assert ".prefetch.landmark" not in toc.by_name()
 
 
+def test_legacy_toc_without_chunk_digests() -> None:
+    """CRFS-era TOCs: a single-chunk file is verified by its whole-file digest."""
+    toc = _parse([_reg("f", chunkDigest="", digest=D2)])
+    assert toc.by_name()["f"].chunks[0].digest == D2
+    with pytest.raises(InvalidTOC, match="chunkDigest"):  # several chunks: nothing to check
+        _parse(
+            [_reg("g", size=20, chunkSize=10, chunkDigest="", digest=D2),
+             {"name": "g", "type": "chunk", "offset": 2000, "chunkOffset": 10, "chunkDigest": D3}]
+        )  # fmt: skip
+
+
 def test_no_prefetch_landmark() -> None:
     toc = _parse([_reg(".no.prefetch.landmark", size=1, offset=10), _reg("f")])
     assert toc.no_prefetch and toc.prefetch_landmark is None
