@@ -102,7 +102,12 @@ class FuseRemoteLayers:
         self._tocs = TocStore(cfg.root / "tocs")
         self._lock = threading.Lock()
         self._layers: dict[str, _Attached] = {}  # by layer digest
+        # Layers found in a repository root, by digest: [source, path, snapshots].
+        self._paths: dict[str, list[Any]] = {}
         self._next_dir = 1
+        # One attach or restore per layer digest at a time (trio thread only): two images
+        # sharing a layer are often pulled at once, and both would attach the same dir.
+        self._attaching: dict[str, trio.Lock] = {}
         self.fallbacks: collections.Counter[str] = collections.Counter()
         self.recent_fallbacks: collections.deque[dict[str, str]] = collections.deque(maxlen=100)
 
@@ -118,8 +123,10 @@ class FuseRemoteLayers:
             path = self._find_in_roots(source.layer_digest)
             if path is not None:
                 log.info("layer %s: served from repository path %s", source.layer_digest, path)
-                return json.dumps({"mode": "path", "path": str(path),
-                                   "digest": source.layer_digest, "ref": source.image_ref})
+                handle = json.dumps({"mode": "path", "path": str(path),
+                                     "digest": source.layer_digest, "ref": source.image_ref})
+                self._count_path(json.loads(handle), +1)
+                return handle
             handle = self._run(self._attach, source)
         except errors.LazysnapError as exc:
             return self._fallback(digest, labels, exc)
@@ -151,6 +158,7 @@ class FuseRemoteLayers:
     def release(self, handle: str) -> None:
         h = json.loads(handle)
         if h["mode"] == "path":
+            self._count_path(h, -1)
             return
         with self._lock:
             layer = self._layers.get(h["digest"])
@@ -166,6 +174,7 @@ class FuseRemoteLayers:
     def restore(self, handle: str) -> None:
         h = json.loads(handle)
         if h["mode"] == "path":
+            self._count_path(h, +1)
             return
         with self._lock:
             self._next_dir = max(self._next_dir, int(h["dir"]) + 1)
@@ -179,7 +188,12 @@ class FuseRemoteLayers:
     def status(self) -> dict[str, Any]:
         with self._lock:
             layers = list(self._layers.values())
-        rows = []
+            paths = list(self._paths.values())
+        rows = [{
+            "image_ref": source.image_ref, "layer_digest": source.layer_digest,
+            "mode": "path", "path": path, "size": 0, "bytes_fetched": 0,
+            "percent_fetched": 0.0, "cache_hits": 0, "snapshots": refs, "error": "",
+        } for source, path, refs in paths]
         for layer in layers:
             stats = layer.blob.statistics() if layer.blob is not None else None
             fetched = stats.bytes_fetched if stats else 0
@@ -221,6 +235,15 @@ class FuseRemoteLayers:
         log.info("layer %s: fallback to a full download (%s: %s)", digest, reason, exc)
         return None
 
+    def _count_path(self, h: dict[str, Any], delta: int) -> None:
+        with self._lock:
+            entry = self._paths.setdefault(
+                h["digest"], [LayerSource(image_ref=h["ref"], layer_digest=h["digest"]),
+                              h["path"], 0])
+            entry[2] += delta
+            if entry[2] <= 0:
+                del self._paths[h["digest"]]
+
     def _find_in_roots(self, layer_digest: str) -> Path | None:
         if not self._cfg.repository_roots:
             return None
@@ -235,7 +258,19 @@ class FuseRemoteLayers:
         ref = Reference.parse(source.image_ref)
         return partial(self._client.read_blob_range, ref, Digest.parse(source.layer_digest))
 
+    async def _one_at_a_time(self, digest: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        lock = self._attaching.setdefault(digest, trio.Lock())
+        try:
+            async with lock:
+                return await fn(*args)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._attaching.pop(digest, None)
+
     async def _attach(self, source: LayerSource) -> str:
+        return await self._one_at_a_time(source.layer_digest, self._attach_locked, source)
+
+    async def _attach_locked(self, source: LayerSource) -> str:
         with self._lock:
             layer = self._layers.get(source.layer_digest)
             if layer is not None and layer.blob is not None:
@@ -258,23 +293,29 @@ class FuseRemoteLayers:
             await trio.to_thread.run_sync(self._tocs.save, toc_digest, toc_bytes[0], toc.toc_offset)
         with self._lock:
             layer = self._layers.get(source.layer_digest)
-            if layer is not None and layer.blob is not None:  # lost a race: share it
-                layer.refs += 1
-                return self._handle(layer)
             if layer is None:
                 layer = _Attached(dir=str(self._next_dir), source=source, blob_size=size)
                 self._next_dir += 1
                 self._layers[source.layer_digest] = layer
-        blob = RemoteBlob(fetch, self._cache, blob_size=size,
-                          fetch_timeout=self._cfg.fetch_timeout, name=f"layer {digest}")
-        tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)
-        self._repo.attach(layer.dir, tree, blob)
+        try:
+            blob = RemoteBlob(fetch, self._cache, blob_size=size,
+                              fetch_timeout=self._cfg.fetch_timeout, name=f"layer {digest}")
+            tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)
+            self._repo.attach(layer.dir, tree, blob)
+        except BaseException:
+            with self._lock:  # no snapshot uses it: leave no row behind in status
+                if layer.refs == 0 and layer.blob is None:
+                    self._layers.pop(source.layer_digest, None)
+            raise
         with self._lock:
             layer.blob, layer.error = blob, ""
             layer.refs += 1
         return self._handle(layer)
 
     async def _restore(self, h: dict[str, Any], counting: bool = False) -> None:
+        await self._one_at_a_time(h["digest"], self._restore_locked, h, counting)
+
+    async def _restore_locked(self, h: dict[str, Any], counting: bool) -> None:
         """Attach a layer recorded in a handle: from the stored TOC when we have it (no
         network needed), else fetched again."""
         source = LayerSource(image_ref=h["ref"], layer_digest=h["digest"],
