@@ -21,7 +21,14 @@ from tests.e2e.harness import Registry
 from tests.e2e.images import MEDIA_MANIFEST
 from tests.e2e.stack import REFERENCE, start_stack
 
-__all__ = ["LANDMARKS", "EstargzImage", "blob_data_path", "convert_and_push", "read_toc"]
+__all__ = [
+    "LANDMARKS",
+    "EstargzImage",
+    "blob_data_path",
+    "convert_and_push",
+    "copy_image",
+    "read_toc",
+]
 
 # Entries ctr-remote adds to each layer. A full unpack (fallback) shows them in the root
 # directory; a lazy mount may hide them. Either way they are not part of the image's tree.
@@ -81,6 +88,17 @@ def convert_and_push(
         if "containerd.io/snapshot/stargz/toc.digest" not in layer.get("annotations", {}):
             raise AssertionError(f"{dst}: layer {layer['digest']} has no TOC digest annotation")
     return EstargzImage(repo, dst_tag, manifest)
+
+
+def copy_image(workdir: Path, src: str, dst: str, user: str = "") -> None:
+    """Copy an image between registries (plain HTTP) through a throwaway containerd.
+
+    `user` ("name:password") authenticates the push; the source needs no credentials.
+    """
+    with start_stack(workdir, REFERENCE, show_logs=False) as stack:
+        stack.ctr("content", "fetch", "--plain-http", src)
+        stack.ctr("images", "tag", src, dst)
+        stack.ctr("images", "push", "--plain-http", *(["--user", user] if user else []), dst)
 
 
 def blob_data_path(registry: Registry, digest: str) -> Path:

@@ -53,9 +53,17 @@ class Stack:
         """`ctr snapshots --snapshotter <ours> ...`"""
         return self.ctr("snapshots", "--snapshotter", self.snapshotter, *args, **kw)
 
-    def pull(self, ref: str, *, tool: str = "ctr", verb: str = "pull") -> str:
+    def pull(self, ref: str, *extra: str, tool: str = "ctr", verb: str = "pull") -> str:
+        """`ctr images pull` (or `ctr-remote images rpull`) into our snapshotter."""
         return self.containerd.ctr(
-            "images", verb, "--plain-http", "--snapshotter", self.snapshotter, ref, tool=tool
+            "images",
+            verb,
+            "--plain-http",
+            "--snapshotter",
+            self.snapshotter,
+            *extra,
+            ref,
+            tool=tool,
         ).stdout
 
     def run(self, ref: str, cid: str, *cmd: str, rm: bool = True, detach: bool = False) -> str:

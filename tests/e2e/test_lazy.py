@@ -1,16 +1,14 @@
 """Lazy pulling end to end: eStargz images made by `ctr-remote image convert`, pulled with
 `ctr-remote image rpull --snapshotter lazysnap`, read through lazysnap's FUSE repository.
 
-These need the daemon's lazy path (issue 3). Until it is in, rpull still works (lazysnap falls
-back to a full download), so the tests that only check what the container sees pass while the
-ones that count fetched bytes or expect EIO fail, which is how they tell the two apart.
-Fetched bytes are counted at a `TcpProxy` in front of the registry: image references go
-through the proxy, so every byte the daemon fetches passes it.
+If lazysnap falls back to a full download, rpull and run still work, so the tests that only
+check what the container sees would pass; the byte counts and the EIO expectations are what
+prove the lazy path. Fetched bytes are counted at a `TcpProxy` in front of the registry: image
+references go through the proxy, so every byte the daemon fetches passes it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import PushedImage, daemon_log_problems
+from tests.e2e.conftest import DATA_FILES, PushedImage, daemon_log_problems, data_sha256
 from tests.e2e.estargz import (
     LANDMARKS,
     EstargzImage,
@@ -34,36 +32,9 @@ from tests.e2e.tree import LISTING_SCRIPT, RUNTIME_PATHS, compare, host_xattrs, 
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.fuse, pytest.mark.slow]
 
-MiB = 1024 * 1024
 # What busybox (strerror) prints for EIO inside the container.
 EIO_MESSAGE = re.compile(r"Input/output error", re.IGNORECASE)
-# Three incompressible files: far more than a container that only runs `echo` needs.
-DATA_FILES = {"data/big-0.bin": 12 * MiB + 7, "data/big-1.bin": 9 * MiB, "data/big-2.bin": 5 * MiB}
-
-
-def _sha256_of(image_files: dict[str, int], path: str, seed: int = 7) -> str:
-    entries = data_image(image_files, seed=seed).layers[1].entries
-    return hashlib.sha256(next(e.data for e in entries if e.path == path)).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def esgz_sample(
-    registry: Registry, sample: PushedImage, tmp_path_factory: pytest.TempPathFactory
-) -> EstargzImage:
-    return convert_and_push(tmp_path_factory.mktemp("conv"), registry, "e2e/sample", "v1", "esgz")
-
-
-@pytest.fixture(scope="module")
-def esgz_data(
-    registry: Registry, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[EstargzImage, EstargzImage]:
-    """Two images whose data layers differ only by one small file: they share big-*.bin."""
-    push_image(registry.url, "e2e/data", "a", data_image(DATA_FILES))
-    push_image(registry.url, "e2e/data", "b", data_image(DATA_FILES, extra={"data/b.txt": b"b"}))
-    work = tmp_path_factory.mktemp("conv")
-    a = convert_and_push(work / "a", registry, "e2e/data", "a", "a-esgz")
-    b = convert_and_push(work / "b", registry, "e2e/data", "b", "b-esgz")
-    return a, b
+MiB = 1024 * 1024
 
 
 @pytest.fixture
@@ -138,7 +109,7 @@ def test_lazy_files_shared_by_two_images_are_fetched_once(
     print(f"second image: fetched {fetched:,} bytes for {shared:,} bytes of shared files")
     assert fetched < 0.1 * shared
     for path in paths:
-        assert f"{_sha256_of(DATA_FILES, path.lstrip('/'))}  {path}" in out
+        assert f"{data_sha256(path.lstrip('/'))}  {path}" in out
 
 
 def test_lazy_layers_survive_a_daemon_restart(
@@ -153,7 +124,7 @@ def test_lazy_layers_survive_a_daemon_restart(
     stack.wait_ready()
 
     out = stack.run(ref, "after", "sha256sum", "/data/big-1.bin")
-    assert out.split()[0] == _sha256_of(DATA_FILES, "data/big-1.bin")
+    assert out.split()[0] == data_sha256("data/big-1.bin")
 
 
 @pytest.mark.allow_log_errors
@@ -178,7 +149,7 @@ def test_lazy_corrupt_registry_bytes_give_eio_not_wrong_data(tmp_path: Path) -> 
 
             message = str(failed.value)
             assert EIO_MESSAGE.search(message)
-            assert _sha256_of(files, "data/victim.bin", seed=11) not in message
+            assert data_sha256("data/victim.bin", files, seed=11) not in message
             # The cache must not have kept anything bad: still EIO, never other bytes.
             with pytest.raises(ContainerdError, match=EIO_MESSAGE):
                 stack.run(ref, "victim-again", "sha256sum", "/data/victim.bin")
@@ -209,7 +180,7 @@ def test_lazy_registry_gone_mid_read_gives_eio_in_time_then_recovers(
 
         proxy.set_mode("forward")
         out = stack.run(ref, "recovered", "sha256sum", "/data/big-0.bin")
-        assert out.split()[0] == _sha256_of(DATA_FILES, "data/big-0.bin")
+        assert out.split()[0] == data_sha256("data/big-0.bin")
     assert stack.lazysnap is not None
     assert not any("Traceback" in line for line in daemon_log_problems(stack.lazysnap.log_path))
 
