@@ -14,7 +14,11 @@ from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
 PACKAGE = "snapshotter.service._proto"
-FILES = ["containerd/types/mount.proto", "containerd/services/snapshots/v1/snapshots.proto"]
+FILES = [
+    "containerd/types/mount.proto",
+    "containerd/services/snapshots/v1/snapshots.proto",
+    "lazysnap/cri/v1/pull.proto",
+]
 
 
 def generate(out_dir: Path) -> None:
