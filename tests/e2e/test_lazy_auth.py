@@ -2,59 +2,142 @@
 server (Bearer JWTs), with lazysnap reading the credentials from a docker config.json.
 
 containerd gets the same credentials through `rpull --user`; lazysnap must find its own,
-and a layer it could not fetch would silently fall back to a full download, so each test
-counts the bytes at a proxy to prove the layers really were served lazily.
+and a layer it cannot fetch silently falls back to a full download, so each test asks the
+daemon's status whether the layers really are lazy. The registries start from a copy of
+the session registry's storage (no push needed); one stack serves the module.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import DATA_FILES, data_sha256
-from tests.e2e.estargz import EstargzImage, copy_image
+from tests.e2e.conftest import daemon_log_problems, data_sha256
+from tests.e2e.daemon_status import layer_rows, status_after
+from tests.e2e.estargz import EstargzImage
 from tests.e2e.harness import Registry
-from tests.e2e.proxy import TcpProxy
-from tests.e2e.stack import start_stack
+from tests.e2e.stack import Stack, start_stack
 from tests.registry.fixtures import RegistryServer, run_registry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.fuse, pytest.mark.slow]
 
-
-@pytest.fixture(params=["htpasswd", "token"])
-def secure_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RegistryServer]:
-    with run_registry(tmp_path / "secure", auth=request.param) as server:
-        yield server
+AUTHS = ("htpasswd", "token")
 
 
-def test_lazy_pull_with_credentials_from_docker_config(
-    tmp_path: Path,
+@pytest.fixture(scope="module")
+def secure_registries(
     registry: Registry,
     esgz_data: tuple[EstargzImage, EstargzImage],
-    secure_registry: RegistryServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, RegistryServer]]:
+    """An htpasswd and a token registry holding the session registry's images, and an
+    htpasswd one whose credentials lazysnap is not given ("unknown")."""
+    servers: dict[str, RegistryServer] = {}
+    with contextlib.ExitStack() as stack:
+        for name, auth in (*((a, a) for a in AUTHS), ("unknown", "htpasswd")):
+            work = tmp_path_factory.mktemp(f"registry-{name}")
+            shutil.copytree(registry.workdir / "storage", work / "storage")
+            servers[name] = stack.enter_context(run_registry(work, auth=auth))
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def docker_config(
+    secure_registries: dict[str, RegistryServer], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    auths = {}
+    for name in AUTHS:
+        server = secure_registries[name]
+        token = base64.b64encode(f"{server.username}:{server.password}".encode()).decode()
+        auths[server.host] = {"auth": token}
+    path = tmp_path_factory.mktemp("docker") / "config.json"
+    path.write_text(json.dumps({"auths": auths}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(docker_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    args = ["--docker-config", str(docker_config)]
+    with start_stack(tmp_path_factory.mktemp("auth-stack"), lazysnap_args=args) as stack:
+        yield stack
+    assert stack.lazysnap is not None
+    assert daemon_log_problems(stack.lazysnap.log_path) == []
+
+
+def _rpull(stack: Stack, ref: str, server: RegistryServer) -> None:
+    # ctr-remote fetches the manifest and config itself, with its own credentials.
+    user = f"{server.username}:{server.password}"
+    stack.containerd.ctr(
+        "images", "rpull", "--plain-http", "--user", user, "--snapshotter", stack.snapshotter,
+        ref, tool="ctr-remote",
+    )
+
+
+def _secrets(server: RegistryServer) -> list[str]:
+    user = f"{server.username}:{server.password}"
+    return [server.password, base64.b64encode(user.encode()).decode()]
+
+
+@pytest.mark.parametrize("auth", AUTHS)
+def test_lazy_pull_with_credentials_from_docker_config(
+    stack: Stack,
+    secure_registries: dict[str, RegistryServer],
+    esgz_data: tuple[EstargzImage, EstargzImage],
+    auth: str,
 ) -> None:
+    assert stack.lazysnap is not None
+    server = secure_registries[auth]
     image = esgz_data[0]
-    user = f"{secure_registry.username}:{secure_registry.password}"
-    copy_image(tmp_path / "copy", image.ref(registry.host), image.ref(secure_registry.host), user)
-    host, port = secure_registry.host.split(":")
+    ref = image.ref(server.host)
+    _rpull(stack, ref, server)
+    out = stack.run(ref, f"authed-{auth}", "sha256sum", "/data/big-2.bin")
+    read = time.time()
+    assert out.split()[0] == data_sha256("data/big-2.bin")
 
-    with TcpProxy((host, int(port))) as proxy:
-        docker_config = tmp_path / "docker-config.json"
-        auth = base64.b64encode(user.encode()).decode()
-        docker_config.write_text(json.dumps({"auths": {proxy.host: {"auth": auth}}}))
-        args = ["--docker-config", str(docker_config)]
-        with start_stack(tmp_path / "stack", lazysnap_args=args) as stack:
-            ref = image.ref(proxy.host)
-            stack.pull(ref, "--user", user, tool="ctr-remote", verb="rpull")
-            out = stack.run(ref, "authed", "sha256sum", "/data/big-2.bin")
+    doc = status_after(stack.lazysnap.root, read)
+    digests = [str(layer["digest"]) for layer in image.layers]
+    assert [fb for fb in doc["fallbacks"] if fb["layer_digest"] in digests] == []
+    rows = layer_rows(doc, digests)
+    assert {row["mode"] for row in rows.values()} == {"lazy"}
+    assert set(rows) == set(digests)
+    data = rows[digests[-1]]
+    assert 0 < data["bytes_fetched"] < int(image.layers[-1]["size"])  # type: ignore[call-overload]
+    if auth == "token":
+        assert server.token_server is not None
+        assert any(i["user"] == server.username for i in server.token_server.issued)
 
-            fetched = proxy.counts().down
-            assert out.split()[0] == data_sha256("data/big-2.bin")
-            # big-2 is the smallest file; a fallback would have fetched all of them.
-            assert fetched < DATA_FILES["data/big-2.bin"] + 3 * 1024 * 1024
-            assert stack.lazysnap is not None
-            assert secure_registry.password not in stack.lazysnap.log_path.read_text()
+    log = stack.lazysnap.log_path.read_text()
+    for secret in _secrets(server):
+        assert secret not in log
+    assert "Authorization" not in log and "eyJ" not in log  # no header, no JWT
+
+
+def test_missing_credentials_fall_back_as_unauthorized(
+    stack: Stack,
+    secure_registries: dict[str, RegistryServer],
+    esgz_data: tuple[EstargzImage, EstargzImage],
+) -> None:
+    """containerd has credentials, lazysnap does not: a full download, and status says why."""
+    assert stack.lazysnap is not None
+    server = secure_registries["unknown"]
+    image = esgz_data[1]
+    ref = image.ref(server.host)
+    _rpull(stack, ref, server)
+    out = stack.run(ref, "full-download", "sha256sum", "/data/b.txt")
+    assert out.split()[0] == hashlib.sha256(b"b").hexdigest()  # esgz_data's image b
+
+    doc = status_after(stack.lazysnap.root, time.time())
+    digests = [str(layer["digest"]) for layer in image.layers]
+    reasons = {fb["layer_digest"]: fb["reason"] for fb in doc["fallbacks"]}
+    assert {reasons.get(d) for d in digests} == {"unauthorized"}
+    assert doc["fallback_counts"].get("unauthorized", 0) >= len(digests)
+    for secret in _secrets(server):
+        assert secret not in stack.lazysnap.log_path.read_text()
