@@ -135,9 +135,12 @@ def test_missing_credentials_fall_back_as_unauthorized(
     assert out.split()[0] == hashlib.sha256(b"b").hexdigest()  # esgz_data's image b
 
     doc = status_after(stack.lazysnap.root, time.time())
-    digests = [str(layer["digest"]) for layer in image.layers]
+    # Only the data layer is new: image b shares its base layer with image a, which an
+    # earlier test may have pulled already (containerd then does not prepare it again).
+    data = str(image.layers[-1]["digest"])
     reasons = {fb["layer_digest"]: fb["reason"] for fb in doc["fallbacks"]}
-    assert {reasons.get(d) for d in digests} == {"unauthorized"}
-    assert doc["fallback_counts"].get("unauthorized", 0) >= len(digests)
+    assert reasons.get(data) == "unauthorized"
+    assert doc["fallback_counts"].get("unauthorized", 0) >= 1
+    assert data not in layer_rows(doc, [data])
     for secret in _secrets(server):
         assert secret not in stack.lazysnap.log_path.read_text()
