@@ -60,6 +60,16 @@ class Config:
         [], "existing layer trees, laid out <hex[0:2]>/<hex>/layerfs (e.g. CernVM-FS)"
     )
     metrics_address: str = _opt("", "host:port for Prometheus metrics; empty disables")
+    cri_proxy_address: str = _opt(
+        "", "unix socket for the CRI image-service proxy (kubelet --image-service-endpoint); "
+        "empty disables"
+    )
+    containerd_address: str = _opt(
+        "/run/containerd/containerd.sock", "containerd's socket, where the CRI proxy forwards"
+    )
+    credentials_ttl: float = _opt(
+        86400.0, "seconds that pull credentials seen by the CRI proxy are kept; 0 = until removed"
+    )
 
     @property
     def cache_bytes(self) -> int:

@@ -24,6 +24,7 @@ from snapshotter.cache.chunks import ChunkCache
 from snapshotter.cli.status import STATUS_FILE
 from snapshotter.config import Config
 from snapshotter.core.snapshotter import Snapshotter
+from snapshotter.cri import CredentialStore, ImageServiceProxy
 from snapshotter.fs.mount import run_repository
 from snapshotter.fs.repository import Repository
 from snapshotter.registry.client import RegistryClient
@@ -70,12 +71,18 @@ async def _status_loop(cfg: Config, remote: FuseRemoteLayers | None, cache: Chun
 async def _serve(cfg: Config) -> None:
     cfg.root.mkdir(parents=True, exist_ok=True)
     cache = ChunkCache(cfg.root / "cache", cfg.cache_bytes)
+    # Credentials kubelet sent through the CRI proxy win over docker's config.json.
+    store = None
+    if cfg.cri_proxy_address:
+        store = CredentialStore(cfg.root / "cri", cfg.credentials_ttl)
     client = RegistryClient(
         hosts_dir=cfg.hosts_dir,
         docker_config=Path(cfg.docker_config) if cfg.docker_config else None,
         timeout=cfg.fetch_timeout,
+        extra_credentials=store,
     )
     server: SnapshotServer | None = None
+    proxy: ImageServiceProxy | None = None
     sn: Snapshotter | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -95,6 +102,10 @@ async def _serve(cfg: Config) -> None:
             sn = await trio.to_thread.run_sync(lambda: Snapshotter(cfg.root, remote=remote))
             server = SnapshotServer(sn, cfg.address, mode=int(cfg.socket_mode, 8))
             server.start()
+            if store is not None:
+                proxy = ImageServiceProxy(Path(cfg.cri_proxy_address), cfg.containerd_address,
+                                          store, mode=int(cfg.socket_mode, 8))
+                proxy.start()
             nursery.start_soon(_status_loop, cfg, remote, cache)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 log.info("lazysnap ready (root %s, lazy %s)", cfg.root,
@@ -106,6 +117,8 @@ async def _serve(cfg: Config) -> None:
             server = None
             nursery.cancel_scope.cancel()
     finally:
+        if proxy is not None:
+            await trio.to_thread.run_sync(proxy.stop)
         if server is not None:
             await trio.to_thread.run_sync(server.stop)
         if sn is not None:
