@@ -1,0 +1,80 @@
+"""Cold start: pull + run of an image that nothing on the machine has seen, per mode.
+
+Every repetition starts a fresh stack (containerd root, snapshotter root and chunk cache
+all new) and a fresh shaped link, and drops the page cache, so nothing from the previous
+repetition helps. Modes are interleaved within a repetition so that machine noise hits
+them alike. Measured: pull time, time from the start of the pull to the workload's exit,
+and bytes the registry sent through the link. The non-lazy overhead part is the same
+measurement with the plain gzip image pulled through lazysnap (`lazysnap-gzip`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from tests.bench.catalog import BuiltImage
+from tests.bench.context import Context, daemon_status
+from tests.bench.link import Condition, ShapedLink
+from tests.bench.modes import MODES, Mode, Timer, drop_caches, open_stack, pull, run_workload
+from tests.bench.results import Record
+
+__all__ = ["COLD_IMAGES", "measure_start", "run", "run_nonlazy"]
+
+COLD_IMAGES = {True: ("pyslim", "manyfiles"), False: ("pyslim", "pystack", "manyfiles")}
+BASELINE = "overlayfs"
+
+
+def measure_start(ctx: Context, part: str, image: BuiltImage, mode: Mode, cond: Condition,
+                  rep: int) -> dict[str, float]:
+    """One cold pull + run; records pull_s, exit_s and bytes; returns them."""
+    case = f"{image.name} @ {cond.name}"
+    wd = ctx.workdir(f"{part}-{image.name}-{mode.name}-{cond.name}-{rep}".replace("+", "_"))
+    with open_stack(mode, wd) as stack, \
+            ShapedLink(("127.0.0.1", ctx.catalog.registry.port), cond) as link:
+        ref = image.ref(link.host, mode.esgz)
+        drop_caches()
+        started_wall = time.time()
+        t = Timer()
+        pull(stack, mode, ref)
+        pull_s = t()
+        pulled_bytes = link.counts().down
+        out = run_workload(stack, ref, f"cold-{rep}", image.recipe.cmd)
+        exit_s = t()
+        down = link.counts().down
+        extra = {"image_bytes": image.size(mode.esgz), "bytes_after_pull": pulled_bytes,
+                 "output": out.strip()[-200:]}
+        if stack.lazysnap is not None:
+            status = daemon_status(stack, started_wall)
+            extra["lazy_layers"] = len(status.get("layers", []))
+            extra["fallbacks"] = [f["reason"] for f in status.get("fallbacks", [])]
+    if not out.strip():
+        raise RuntimeError(f"{case} {mode.name}: the workload printed nothing")
+    metrics = {"pull_s": pull_s, "exit_s": exit_s, "bytes": float(down)}
+    for metric, value in metrics.items():
+        ctx.results.add(Record(part, case, mode.name, metric, value,
+                               "B" if metric == "bytes" else "s", rep, BASELINE, extra=extra))
+    frac = down / extra["image_bytes"] if extra["image_bytes"] else 0.0
+    ctx.log(f"{part} {case} {mode.name} rep {rep}: pull {pull_s:.2f}s, exit {exit_s:.2f}s, "
+            f"{down / 1e6:.1f} MB ({100 * frac:.1f}% of {extra['image_bytes'] / 1e6:.1f} MB)"
+            + (f", fallbacks {extra['fallbacks']}" if extra.get("fallbacks") else ""))
+    ctx.results.add(Record(part, case, mode.name, "fetched_fraction", frac, "x", rep))
+    return metrics
+
+
+def _sweep(ctx: Context, part: str, images: Sequence[str], modes: Sequence[Mode]) -> None:
+    for name in images:
+        image = ctx.image(name)
+        for cond in ctx.conditions:
+            for rep in range(ctx.reps):
+                for mode in modes:
+                    measure_start(ctx, part, image, mode, cond, rep)
+
+
+def run(ctx: Context, images: Sequence[str] | None = None) -> None:
+    _sweep(ctx, "cold_start", images or COLD_IMAGES[ctx.smoke], ctx.modes)
+
+
+def run_nonlazy(ctx: Context, images: Sequence[str] = ("pyslim",)) -> None:
+    """Plain gzip images through lazysnap (ordinary snapshots) against overlayfs."""
+    _sweep(ctx, "nonlazy", images, [MODES["overlayfs"], MODES["lazysnap-gzip"]])
