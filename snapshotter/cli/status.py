@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from snapshotter.errors import NotFound, Unavailable
+from snapshotter.errors import DataLoss, NotFound, PermissionDenied, Unavailable
 
 STATUS_FILE = "status.json"
 # The daemon rewrites the file every few seconds; older means it is not running.
 STALE_AFTER = 30.0
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # nothing to check against
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,10 +49,17 @@ def render(doc: dict[str, Any]) -> str:
     lines = [f"{'IMAGE':40} {'LAYER':19} {'MODE':24} {'SIZE':>9} {'FETCHED':>9} {'%':>6} "
              f"{'HITS':>6}"]
     for row in doc.get("layers", []):
+        if row["mode"] == "path":  # nothing is fetched: the directory is used as it is
+            lines.append(
+                f"{row['image_ref'][-40:]:40} {row['layer_digest'][:19]:19} {'path':24} "
+                f"{'-':>9} {'-':>9} {'-':>6} {'-':>6}  {row['path']}"
+            )
+            continue
         lines.append(
             f"{row['image_ref'][-40:]:40} {row['layer_digest'][:19]:19} {row['mode'][:24]:24} "
             f"{_size(row['size']):>9} {_size(row['bytes_fetched']):>9} "
             f"{row['percent_fetched']:>6.1f} {row['cache_hits']:>6}"
+            + (f"  {row['error']}" if row.get("error") else "")
         )
     for fb in doc.get("fallbacks", []):
         lines.append(
@@ -61,9 +81,20 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise NotFound(f"{path}: no status (is `lazysnap serve --root {args.root}` running?)") \
             from None
+    except PermissionError:
+        # The daemon keeps its root 0700.
+        raise PermissionDenied(f"{path}: permission denied (run as the daemon's user)") \
+            from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DataLoss(f"{path}: not a status document ({exc})") from None
+    if not isinstance(doc, dict):
+        raise DataLoss(f"{path}: not a status document")
     age = time.time() - doc.get("time", 0)
     if age > STALE_AFTER:
         raise Unavailable(f"{path}: status is {age:.0f}s old; the daemon is not running")
+    if not _alive(doc.get("pid")):
+        # Killed (-9) daemons leave the file behind; don't show their state as current.
+        raise Unavailable(f"{path}: written by pid {doc.get('pid')}, which is not running")
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         print()
