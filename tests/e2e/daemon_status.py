@@ -7,11 +7,16 @@ run something waits for a document written after that moment.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["layer_rows", "status_after"]
+from tests.e2e.harness import REPO_ROOT
+
+__all__ = ["layer_rows", "status_after", "status_cli"]
 
 
 def status_after(root: Path, moment: float, timeout: float = 15.0) -> dict[str, Any]:
@@ -33,3 +38,14 @@ def status_after(root: Path, moment: float, timeout: float = 15.0) -> dict[str, 
 def layer_rows(doc: dict[str, Any], digests: list[str]) -> dict[str, dict[str, Any]]:
     """The status rows of these layer digests, by digest (missing ones are absent)."""
     return {row["layer_digest"]: row for row in doc["layers"] if row["layer_digest"] in digests}
+
+
+def status_cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`lazysnap status --root <root> [args]` as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "snapshotter", "status", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )

@@ -1,0 +1,138 @@
+"""`lazysnap status` on hand-written status files: the table, --json, and a clear error
+whenever no daemon is running. The same command against a real daemon, after lazy pulls
+and a fallback, runs in tests/e2e/test_lazy_auth.py (it shares that module's stack), and
+after a clean stop and a `kill -9` in tests/e2e/test_lazy_restart.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapshotter.cli import EXIT_CODES, main
+from snapshotter.errors import DataLoss, NotFound, PermissionDenied, Unavailable
+
+IMAGE = "registry.example/team/app:v1"
+LAZY = "sha256:" + "a" * 64
+PATH = "sha256:" + "b" * 64
+FELL = "sha256:" + "c" * 64
+
+
+def _doc(**over: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "layers": [
+            {"image_ref": IMAGE, "layer_digest": LAZY, "mode": "lazy", "path": "/r/repo/1",
+             "size": 3 << 20, "bytes_fetched": 768 << 10, "percent_fetched": 25.0,
+             "cache_hits": 7, "snapshots": 1, "error": ""},
+            {"image_ref": IMAGE, "layer_digest": PATH, "mode": "path",
+             "path": "/cvmfs/unpacked.cern.ch/.layers/bb/bbbb/layerfs", "size": 0,
+             "bytes_fetched": 0, "percent_fetched": 0.0, "cache_hits": 0, "snapshots": 1,
+             "error": ""},
+        ],
+        "fallbacks": [{"image_ref": IMAGE, "layer_digest": FELL, "reason": "no-toc-digest",
+                       "detail": f"layer {FELL}: no toc digest"}],
+        "fallback_counts": {"no-toc-digest": 1},
+        "cache": {"entries": 3, "bytes": 768 << 10, "max_bytes": 10 << 30, "hits": 7,
+                  "misses": 3, "evictions": 0},
+        "time": time.time(),
+        "pid": os.getpid(),
+    }
+    return doc | over
+
+
+def _status(root: Path, *args: str) -> int:
+    return main(["status", "--root", str(root), *args])
+
+
+def _write(root: Path, doc: object) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "status.json").write_text(json.dumps(doc))
+
+
+def test_text_has_a_line_per_layer_and_per_fallback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write(tmp_path, _doc())
+    assert _status(tmp_path) == 0
+    header, lazy, path, fell, cache = capsys.readouterr().out.splitlines()
+    assert header.split() == ["IMAGE", "LAYER", "MODE", "SIZE", "FETCHED", "%", "HITS"]
+    assert lazy.split() == [IMAGE, LAZY[:19], "lazy", "3.0MiB", "768.0KiB", "25.0", "7"]
+    assert path.split() == [IMAGE, PATH[:19], "path", "-", "-", "-", "-",
+                            "/cvmfs/unpacked.cern.ch/.layers/bb/bbbb/layerfs"]
+    assert fell.split()[:3] == [IMAGE, FELL[:19], "fallback:"]
+    assert "no-toc-digest" in fell and fell.endswith(f"layer {FELL}: no toc digest")
+    assert cache.startswith("cache: 768.0KiB of 10.0GiB in 3 chunks; hits 7, misses 3")
+
+
+def test_json_is_the_status_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = _doc()
+    _write(tmp_path, doc)
+    assert _status(tmp_path, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == doc
+
+
+def test_an_unrestored_layer_shows_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = _doc()
+    doc["layers"][0] |= {"mode": "lazy (not restored)", "error": "registry unreachable"}
+    _write(tmp_path, doc)
+    assert _status(tmp_path) == 0
+    assert "lazy (not restored)" in capsys.readouterr().out.splitlines()[1]
+
+
+def _exited_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize(
+    ("content", "category", "words"),
+    [
+        (None, NotFound, "lazysnap serve --root"),
+        (_doc(time=time.time() - 3600), Unavailable, "not running"),
+        ("dead-pid", Unavailable, "not running"),
+        ("{not json", DataLoss, "not a status document"),
+        ([1, 2], DataLoss, "not a status document"),
+    ],
+    ids=["missing", "stale", "dead-daemon", "garbage", "not-an-object"],
+)
+def test_no_running_daemon_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: object,
+    category: type[Exception], words: str,
+) -> None:
+    if content == "dead-pid":
+        _write(tmp_path, _doc(pid=_exited_pid()))
+    elif isinstance(content, str):
+        (tmp_path / "status.json").write_text(content)
+    elif content is not None:
+        _write(tmp_path, content)
+    assert _status(tmp_path) == EXIT_CODES[category]  # type: ignore[index]
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.startswith("lazysnap: ") and words in out.err
+    assert str(tmp_path / "status.json") in out.err
+    assert "Traceback" not in out.err
+
+
+@pytest.mark.root
+def test_unreadable_status_says_permission_denied(tmp_path: Path) -> None:
+    """The daemon keeps its root 0700; another user gets a message, not a traceback."""
+    root = tmp_path / "root"
+    _write(root, _doc())
+    os.chmod(root, 0o700)
+    # The system python: the venv's may sit where that user cannot reach it.
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    done = subprocess.run(
+        [python, "-m", "snapshotter", "status", "--root", str(root)],
+        capture_output=True, text=True, timeout=60, user=65534,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        cwd="/",
+    )
+    assert done.returncode == EXIT_CODES[PermissionDenied]
+    assert "permission denied" in done.stderr and "Traceback" not in done.stderr
