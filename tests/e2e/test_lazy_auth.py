@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import daemon_log_problems, data_sha256
-from tests.e2e.daemon_status import layer_rows, status_after
+from tests.e2e.daemon_status import layer_rows, status_after, status_cli
 from tests.e2e.estargz import EstargzImage
 from tests.e2e.harness import Registry
 from tests.e2e.stack import Stack, start_stack
@@ -144,3 +144,49 @@ def test_missing_credentials_fall_back_as_unauthorized(
     assert data not in layer_rows(doc, [data])
     for secret in _secrets(server):
         assert secret not in stack.lazysnap.log_path.read_text()
+
+
+def test_status_cli_shows_lazy_layers_and_why_others_are_not(
+    stack: Stack,
+    secure_registries: dict[str, RegistryServer],
+    esgz_data: tuple[EstargzImage, EstargzImage],
+) -> None:
+    """`lazysnap status` against this daemon: a line per lazy layer, a line per fallback."""
+    assert stack.lazysnap is not None
+    lazy, fell = secure_registries["htpasswd"], secure_registries["unknown"]
+    a, b = esgz_data
+    for image, server in ((a, lazy), (b, fell)):  # already there if the tests above ran
+        _rpull(stack, image.ref(server.host), server)
+    stack.run(a.ref(lazy.host), "status-read", "sha256sum", "/data/big-0.bin")
+    status_after(stack.lazysnap.root, time.time())
+
+    done = status_cli(stack.lazysnap.root)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["IMAGE", "LAYER", "MODE", "SIZE", "FETCHED", "%", "HITS"]
+    for layer in a.layers:
+        digest = str(layer["digest"])
+        [line] = [ln for ln in lines if f" {digest[:19]} " in ln and " lazy " in ln]
+        ref, _, mode, size, fetched, percent, hits = line.split()
+        assert ref.endswith(f"/{a.repo}:{a.tag}") and mode == "lazy"
+        assert size.endswith("iB") and fetched[0].isdigit()
+        assert 0 <= float(percent) <= 100 and int(hits) >= 0
+    data = str(b.layers[-1]["digest"])
+    [line] = [ln for ln in lines if f" {data[:19]} " in ln]
+    assert line.split()[0].endswith(f"/{b.repo}:{b.tag}")
+    assert "fallback: unauthorized" in line and data in line  # the detail names the layer
+    assert lines[-1].startswith("cache: ")
+
+    done = status_cli(stack.lazysnap.root, "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    row = layer_rows(doc, [str(a.layers[-1]["digest"])])[str(a.layers[-1]["digest"])]
+    assert row["size"] == int(a.layers[-1]["size"])  # type: ignore[call-overload]
+    assert 0 < row["bytes_fetched"] < row["size"]
+    percent = 100 * row["bytes_fetched"] / row["size"]
+    assert row["percent_fetched"] == pytest.approx(percent, abs=0.1)
+    assert doc["fallback_counts"]["unauthorized"] >= 1
+    assert doc["pid"] == stack.lazysnap.proc.pid  # type: ignore[union-attr]
+    for server in (lazy, fell):
+        for secret in _secrets(server):
+            assert secret not in done.stdout

@@ -18,9 +18,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from snapshotter.cli import EXIT_CODES
+from snapshotter.errors import NotFound, Unavailable
 from snapshotter.fs.mount import mounted
 from tests.e2e.conftest import daemon_log_problems, data_sha256
-from tests.e2e.daemon_status import layer_rows, status_after
+from tests.e2e.daemon_status import layer_rows, status_after, status_cli
 from tests.e2e.estargz import EstargzImage
 from tests.e2e.harness import Registry
 from tests.e2e.stack import Stack, start_stack
@@ -91,7 +93,12 @@ def test_graceful_restart_keeps_layers_lazy_and_unread_files_readable(
     image = esgz_data[0]
     assert stack.run(ref, "before-restart") == "ready\n"
 
-    stack.lazysnap.restart()
+    assert stack.lazysnap.stop() == 0
+    # A clean stop takes its status file along: `lazysnap status` says no daemon runs.
+    assert not (stack.lazysnap.root / "status.json").exists()
+    done = status_cli(stack.lazysnap.root)
+    assert done.returncode == EXIT_CODES[NotFound] and "lazysnap serve" in done.stderr
+    stack.lazysnap.start()
     stack.wait_ready()
     restarted = time.time()
 
@@ -128,6 +135,9 @@ def test_start_after_kill_9_clears_the_dead_repository_mount(stack: Stack, ref: 
         os.stat(repo / "1")
     assert dead.value.errno == errno.ENOTCONN
     assert mounted(repo) == ["fuse.lazysnap"]
+    # The dead daemon's status file is still there; status must not present it as live.
+    done = status_cli(stack.lazysnap.root)
+    assert done.returncode == EXIT_CODES[Unavailable] and "not running" in done.stderr
 
     stack.lazysnap.start()
     stack.wait_ready()
