@@ -31,6 +31,7 @@ from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.errors import AlreadyExists, FailedPrecondition, Unavailable
 from snapshotter.format.build import build_estargz
 from snapshotter.format.estargz import TOC_NAME, footer_bytes
+from snapshotter.format.toc import Chunk, Entry, Toc
 from snapshotter.fs.mount import mounted, run_repository
 from snapshotter.fs.repository import Repository
 from snapshotter.registry.client import RegistryClient
@@ -503,3 +504,42 @@ async def test_released_snapshot_leaves_the_shared_layer_readable(bench: Bench) 
         finally:
             nursery.cancel_scope.cancel()
     assert mounted(mountpoint) == []
+
+
+async def test_restart_restores_repository_path_layers(
+    make_bench: MakeBench, tmp_path: Path
+) -> None:
+    roots = tmp_path / "unpacked"
+    before = make_bench(repository_roots=[str(roots)])
+    layer = _push_estargz(before.fake)
+    hexd = layer.digest.removeprefix("sha256:")
+    (roots / hexd[:2] / hexd / "layerfs").mkdir(parents=True)
+    handle = await before.prepare(_labels(layer.digest, layer.toc_digest))
+    assert handle is not None
+
+    after = make_bench(repository_roots=[str(roots)])
+    await after.call("restore", handle)
+    assert [(r["mode"], r["snapshots"]) for r in after.bridge.status()["layers"]] == [("path", 1)]
+    await after.call("release", handle)
+    assert after.bridge.status()["layers"] == []
+
+
+async def test_a_failed_attach_leaves_no_row_behind(
+    bench: Bench, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Something else holds the layer's dir in the repository: fall back, and forget it."""
+    caplog.set_level(logging.INFO, logger="lazysnap.remote")
+    squatter = _push_estargz(bench.fake, {"other": b"x"})
+    first = await bench.prepare(_labels(squatter.digest, squatter.toc_digest))
+    assert first is not None and json.loads(first)["dir"] == "1"
+    bench.repo.detach("1")
+    bench.repo.attach("2", Toc(entries=[Entry("", "dir", mode=0o755)]), _NoChunks())
+    layer = _push_estargz(bench.fake)
+    assert await bench.prepare(_labels(layer.digest, layer.toc_digest)) is None
+    assert bench.bridge.status()["fallback_counts"] == {"internal-error": 1}
+    assert [r["layer_digest"] for r in bench.bridge.status()["layers"]] == [squatter.digest]
+
+
+class _NoChunks:
+    async def read_chunk(self, chunk: Chunk) -> bytes:
+        raise AssertionError(f"nothing should read {chunk}")
