@@ -7,6 +7,7 @@ own thread pool and reaches trio only through `bridge.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -53,10 +54,16 @@ def _write_status(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-async def _status_loop(cfg: Config, remote: FuseRemoteLayers | None, cache: ChunkCache) -> None:
+async def _status_loop(
+    cfg: Config, remote: FuseRemoteLayers | None, cache: ChunkCache,
+    store: CredentialStore | None = None,
+) -> None:
     path = cfg.root / STATUS_FILE
     while True:
         doc: dict[str, Any] = remote.status() if remote is not None else {"layers": []}
+        if store is not None:
+            # Which images have kubelet's credentials, and until when; never the secrets.
+            doc["credentials"] = [dataclasses.asdict(e) for e in store.entries()]
         stats = cache.statistics()
         doc["cache"] = {
             "entries": stats.entries, "bytes": stats.bytes, "max_bytes": cache.max_bytes,
@@ -106,7 +113,7 @@ async def _serve(cfg: Config) -> None:
                 proxy = ImageServiceProxy(Path(cfg.cri_proxy_address), cfg.containerd_address,
                                           store, mode=int(cfg.socket_mode, 8))
                 proxy.start()
-            nursery.start_soon(_status_loop, cfg, remote, cache)
+            nursery.start_soon(_status_loop, cfg, remote, cache, store)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 log.info("lazysnap ready (root %s, lazy %s)", cfg.root,
                          "on" if cfg.lazy else "off")

@@ -43,7 +43,7 @@ class StoredImage:
     host: str
     username: str
     kind: str  # "password" or "identity-token"
-    expires_at: float
+    expires_at: float | None  # seconds since the epoch; None: kept until the image is removed
 
 
 @dataclass(slots=True)
@@ -139,7 +139,7 @@ class CredentialStore:
         return [
             StoredImage(image, e.host, e.credential.username,
                         "identity-token" if e.credential.identity_token else "password",
-                        e.expires_at)
+                        None if e.expires_at == float("inf") else e.expires_at)
             for image, e in sorted(items)
         ]
 

@@ -60,6 +60,7 @@ async def test_ttl_zero_keeps_entries_until_forgotten(tmp_path: Path, clock: Clo
     store = _store(tmp_path, clock, ttl=0)
     store.remember(f"{HOST}/a:v1", HOST, Credential("alice", SECRET))
     clock.now += 10 * 365 * 86400
+    assert [e.expires_at for e in store.entries()] == [None]
 
     assert await _store(tmp_path, clock, ttl=0).lookup(HOST) == Credential("alice", SECRET)
     assert store.forget(f"{HOST}/a:v1")
@@ -75,6 +76,7 @@ async def test_entries_survive_a_restart_until_they_expire(tmp_path: Path, clock
     assert await second.lookup(HOST) == Credential(identity_token=SECRET)
     [entry] = second.entries()
     assert (entry.image, entry.host, entry.kind) == (f"{HOST}/a:v1", HOST, "identity-token")
+    assert entry.expires_at == clock.now + 100
 
     clock.now += 101
     assert await _store(tmp_path, clock, ttl=100).lookup(HOST) is None

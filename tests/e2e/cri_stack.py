@@ -61,6 +61,9 @@ class CriContainerd(Containerd):
             '  stream_server_address = "127.0.0.1"',
             '  stream_server_port = "0"',
             "  disable_apparmor = true",
+            # The sandbox gets oom_score_adj -998, which needs CAP_SYS_RESOURCE; test machines
+            # that are themselves containers may lack it (runc then dies before reporting).
+            "  restrict_oom_score_adj = true",
             f"{cri}.containerd]",
             f'  snapshotter = "{SNAPSHOTTER}"',
             "  disable_snapshot_annotations = false",
