@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from snapshotter import config
@@ -43,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="containerd-style hosts.toml directory")
     p.add_argument("--docker-config", dest="docker_config", default=None,
                    help="docker config.json for registry credentials")
+    p.add_argument("--plain-http", action="store_true",
+                   help="talk plain HTTP to the SRC and DST registries (instead of their "
+                        "hosts.toml; loopback registries fall back to HTTP anyway)")
     p.set_defaults(func=run)
 
 
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         convert_image,
     )
     from snapshotter.convert.progress import human_size
+    from snapshotter.convert.stores import plain_http_hosts, registry_hosts
     from snapshotter.registry.client import RegistryClient
     from snapshotter.registry.manifest import Platform
 
@@ -99,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         progress = LineProgress(sys.stderr)
 
-    async def main():  # type: ignore[no-untyped-def]
+    async def main(hosts_dir: Path):  # type: ignore[no-untyped-def]
         client = RegistryClient(
-            hosts_dir=cfg.hosts_dir,
+            hosts_dir=hosts_dir,
             docker_config=Path(cfg.docker_config) if cfg.docker_config else None,
             timeout=cfg.fetch_timeout,
         )
@@ -112,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
         finally:
             await client.aclose()
 
-    s = trio.run(main)
+    with tempfile.TemporaryDirectory(prefix="lazysnap-hosts-") as tmp:
+        hosts_dir = cfg.hosts_dir
+        if args.plain_http:
+            hosts_dir = plain_http_hosts(Path(tmp), registry_hosts(args.src, args.dst))
+        s = trio.run(main, hosts_dir)
     if not args.quiet:
         change = (s.size_after - s.size_before) / s.size_before * 100 if s.size_before else 0.0
         print(f"converted {s.source} -> {s.destination}")

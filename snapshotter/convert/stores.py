@@ -40,6 +40,8 @@ __all__ = [
     "RegistrySource",
     "open_destination",
     "open_source",
+    "plain_http_hosts",
+    "registry_hosts",
 ]
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -101,6 +103,19 @@ def open_destination(text: str, client: RegistryClient) -> ImageDestination:
     if ref.digest is not None:
         raise InvalidLocation(f"destination {text!r}: name a tag, not a digest")
     return RegistryDestination(client, ref)
+
+
+def registry_hosts(*locations: str) -> list[str]:
+    """The registry hosts that SRC/DST texts name (layouts name none)."""
+    return sorted({Reference.parse(t).host for t in locations if not t.startswith("oci:")})
+
+
+def plain_http_hosts(hosts_dir: Path, hosts: list[str]) -> Path:
+    """Write a hosts.toml per host that sends everything over plain HTTP (`--plain-http`)."""
+    for host in hosts:
+        (hosts_dir / host).mkdir(parents=True, exist_ok=True)
+        (hosts_dir / host / "hosts.toml").write_text(f'server = "http://{host}"\n')
+    return hosts_dir
 
 
 # -- registry ------------------------------------------------------------------------

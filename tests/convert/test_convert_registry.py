@@ -157,3 +157,25 @@ async def test_layer_that_is_no_tar_pushes_no_manifest(
 
     assert _manifest_puts(fake) == []
     assert ("app", "esgz") not in fake.manifests
+
+
+async def test_plain_http_hosts_send_everything_over_http(
+    fake: FakeRegistry, tmp_path: Path, scratch: Path
+) -> None:
+    from snapshotter.convert import ConvertOptions, convert_image
+    from snapshotter.convert.stores import plain_http_hosts, registry_hosts
+    from snapshotter.registry.client import RegistryClient
+
+    _push(fake, "app", "v1", image_docs([Layer((Entry("a", data=b"a"),))]))
+    src, dst = f"{HOST}/app:v1", f"{HOST}/app:esgz"
+    assert registry_hosts(src, dst, f"oci:{tmp_path}/x") == [HOST]
+    hosts_dir = plain_http_hosts(tmp_path / "hosts", registry_hosts(src, dst))
+    client = RegistryClient(hosts_dir=hosts_dir, docker_config=tmp_path / "none.json",
+                            transport=fake.transport())
+    try:
+        await convert_image(src, dst, client=client, options=ConvertOptions(tmp_dir=scratch))
+    finally:
+        await client.aclose()
+
+    assert {s.url.scheme for s in fake.seen} == {"http"}
+    assert ("app", "esgz") in fake.manifests

@@ -42,10 +42,9 @@ class Converted:
     cli_output: str
 
 
-def lazysnap_convert(src: str, dst: str, *args: str, hosts_dir: Path) -> str:
+def lazysnap_convert(src: str, dst: str, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "snapshotter", "convert", "--hosts-dir", str(hosts_dir),
-         *args, src, dst],
+        [sys.executable, "-m", "snapshotter", "convert", "--plain-http", *args, src, dst],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
@@ -71,8 +70,7 @@ def _blob(registry: Registry, digest: str) -> bytes:
 def converted(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Converted:
     push_image(registry.url, REPO, "v1", sample_image())
     work = tmp_path_factory.mktemp("convert")
-    out = lazysnap_convert(f"{registry.host}/{REPO}:v1", f"{registry.host}/{REPO}:lazysnap",
-                           hosts_dir=work / "no-hosts")
+    out = lazysnap_convert(f"{registry.host}/{REPO}:v1", f"{registry.host}/{REPO}:lazysnap")
     ours = EstargzImage(REPO, "lazysnap", _manifest(registry, "lazysnap"))
     theirs = convert_and_push(work / "ctr-remote", registry, REPO, "v1", "ctr-remote")
     return Converted(ours, theirs, out)
