@@ -245,7 +245,11 @@ class _Job:
                 self.progress.layer_done(key, layer.desc.size, layer.output.build.size, uploaded)
             except BaseException as exc:
                 self.stop.set()  # the other layers' threads give up at their next read
-                if isinstance(exc, errors.LazysnapError) and layer.what not in str(exc):
+                if (
+                    isinstance(exc, errors.LazysnapError)
+                    and not isinstance(exc, ConversionStopped)
+                    and layer.what not in str(exc)
+                ):
                     raise _in_context(exc, layer.what) from exc
                 raise
 

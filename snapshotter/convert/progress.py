@@ -153,6 +153,8 @@ class RichProgress(NullProgress):
         if task is not None:
             self._bars.remove_task(task)
         self._bars.update(self._total, description=f"layers {self._done}/{self._layers}")
+        pushed = "pushed" if uploaded else "already at destination"
+        self.note(f"{key[:19]}: {human_size(before)} -> {human_size(after)} ({pushed})")
 
     def note(self, text: str) -> None:
         self._console.print(text, markup=False, highlight=False)

@@ -226,3 +226,34 @@ async def test_converting_an_estargz_image_again_gives_the_same_layers(
     once, _ = read_layout(tmp_path / "a", "esgz")
     twice, _ = read_layout(tmp_path / "b", "again")
     assert once["layers"] == twice["layers"]
+
+
+async def test_foreign_layers_pass_through_untouched(tmp_path: Path, convert: Convert) -> None:
+    import hashlib as h
+
+    built = image_docs([Layer((Entry("a", data=b"a"),))], flavor="docker")
+    manifest = json.loads(built.blobs.pop(built.root["digest"]))
+    config_digest = manifest["config"]["digest"]
+    config = json.loads(built.blobs.pop(config_digest))
+    foreign = {"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+               "digest": "sha256:" + "f" * 64, "size": 1234,
+               "urls": ["https://example.invalid/base.tar.gz"]}
+    manifest["layers"].insert(0, foreign)
+    config["rootfs"]["diff_ids"].insert(0, "sha256:" + "e" * 64)
+    raw_config = json.dumps(config).encode()
+    manifest["config"].update(digest="sha256:" + h.sha256(raw_config).hexdigest(),
+                              size=len(raw_config))
+    built.blobs[manifest["config"]["digest"]] = raw_config
+    raw = json.dumps(manifest).encode()
+    built.blobs["sha256:" + h.sha256(raw).hexdigest()] = raw
+    built.root.update(digest="sha256:" + h.sha256(raw).hexdigest(), size=len(raw))
+    write_image(tmp_path / "src", built)
+
+    summary = await convert(f"oci:{tmp_path}/src:v1", f"oci:{tmp_path}/dst:v1")
+
+    out, _ = read_layout(tmp_path / "dst")
+    assert out["layers"][0] == foreign
+    assert TOC_DIGEST in out["layers"][1]["annotations"]
+    new_config = json.loads(read_blob(tmp_path / "dst", out["config"]["digest"]))
+    assert new_config["rootfs"]["diff_ids"][0] == "sha256:" + "e" * 64
+    assert summary.layers == 1
