@@ -1,7 +1,7 @@
 """The quickstart demo's body (run it through examples/quickstart.sh, which installs first).
 
 Starts a scratch registry, lazysnap and containerd on loopback inside one temporary directory,
-pushes a two-layer image built from files, and runs containers through lazysnap, printing each
+pushes a three-layer image built from files, and runs containers through lazysnap, printing each
 `ctr` command it runs. Then it converts a larger image to eStargz and shows a lazy start: the
 time to the container's first output and the bytes fetched, against the image's size and a
 plain pull. Everything is torn down at the end, also on error or Ctrl-C.
@@ -157,9 +157,9 @@ def main() -> int:
     registry = None
     try:
         registry = Registry(work / "registry").start()
-        image = sample_image()
+        image = sample_image(third_layer=True)
         ref = f"{registry.host}/demo/sample:v1"
-        say(f"registry on {registry.url}; pushing a two-layer image built from files")
+        say(f"registry on {registry.url}; pushing a three-layer image built from files")
         push_image(registry.url, "demo/sample", "v1", image)
         for i, blob in enumerate(image.blobs()[1], 1):
             print(f"    layer {i}: {blob.digest[:19]}…  {len(blob.data):>9,} bytes gzip")

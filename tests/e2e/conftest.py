@@ -47,7 +47,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 
 @pytest.fixture(scope="session")
 def sample(registry: Registry) -> PushedImage:
-    image = sample_image()
+    image = sample_image(third_layer=True)
     digest = push_image(registry.url, "e2e/sample", "v1", image)
     return PushedImage(f"{registry.host}/e2e/sample:v1", image, digest)
 

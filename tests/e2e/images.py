@@ -246,17 +246,24 @@ def _pseudo_random(n: int, seed: int) -> bytes:
 BIG_SIZE = 5 * 1024 * 1024 + 123  # more than one 4 MiB chunk, not a multiple of it
 
 
-def sample_image(cmd: Sequence[str] = ("/bin/sh", "-c", "echo hello from lazysnap")) -> Image:
-    """Two layers that exercise what overlay semantics must get right.
+def sample_image(
+    cmd: Sequence[str] = ("/bin/sh", "-c", "echo hello from lazysnap"), third_layer: bool = False
+) -> Image:
+    """Two (or three) layers that exercise what overlay semantics must get right.
 
-    Layer 1: busybox skeleton plus files that layer 2 deletes (whiteout) or hides (opaque dir).
+    Layer 1: busybox skeleton plus files that later layers delete (whiteout) or hide (opaque).
     Layer 2: a regular file, a hardlink and a symlink to it, an empty file, a file > 4 MiB,
     an owned file with odd mode and an xattr, a fifo, a char device, a whiteout, an opaque dir.
+    Layer 3 (`third_layer`): whiteout of a whole directory of layer 1, a file hidden by layer
+    2's opaque dir brought back with new content, and a file replacing layer 2's symlink.
     """
     layer1 = busybox_layer(
         extra=[
             Entry("etc/removed.txt", data=b"layer 1 file, whited out by layer 2\n"),
             Entry("etc/kept.txt", data=b"layer 1 file, still visible\n"),
+            Entry("etc/subdir", "dir", mode=0o750),
+            Entry("etc/subdir/deep", "dir", mode=0o755),
+            Entry("etc/subdir/deep/file", data=b"removed with its directory by layer 3\n"),
             Entry("opt", "dir", mode=0o755),
             Entry("opt/old", "dir", mode=0o755),
             Entry("opt/old/a", data=b"hidden by opaque dir\n"),
@@ -290,7 +297,19 @@ def sample_image(cmd: Sequence[str] = ("/bin/sh", "-c", "echo hello from lazysna
             Entry("opt/old/c", data=b"only file left in the opaque dir\n"),
         )
     )
-    return Image((layer1, layer2), cmd=tuple(cmd))
+    layer3 = Layer(
+        (
+            Entry("etc", "dir", mode=0o755),
+            Entry("etc/.wh.subdir", data=b""),
+            Entry("opt", "dir", mode=0o755),
+            Entry("opt/old", "dir", mode=0o755),
+            Entry("opt/old/a", data=b"back in layer 3, new content\n", mode=0o600),
+            Entry("data", "dir", mode=0o755),
+            Entry("data/symlink", data=b"a file where layer 2 had a symlink\n"),
+        )
+    )
+    layers = (layer1, layer2, layer3) if third_layer else (layer1, layer2)
+    return Image(layers, cmd=tuple(cmd))
 
 
 def data_image(

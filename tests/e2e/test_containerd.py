@@ -61,8 +61,10 @@ def test_container_sees_exactly_the_merged_layers(stack: Stack, sample: PushedIm
     assert compare(expected, seen) == []
     # Spelled out, since these are what overlay semantics most easily get wrong:
     assert "/etc/removed.txt" not in seen and "/etc/kept.txt" in seen
-    assert sorted(p for p in seen if p.startswith("/opt/old/")) == ["/opt/old/c"]
+    assert not [p for p in seen if p.startswith("/etc/subdir")]
+    assert sorted(p for p in seen if p.startswith("/opt/old/")) == ["/opt/old/a", "/opt/old/c"]
     assert seen["/data/hardlink"].inode == seen["/data/hello.txt"].inode
+    assert seen["/data/symlink"].kind == "reg"
 
 
 @both_snapshotters
