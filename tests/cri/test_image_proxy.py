@@ -210,3 +210,19 @@ def test_a_live_socket_is_not_stolen(setup: Setup, tmp_path: Path) -> None:
         other.start()
     other.stop(grace=0)
     assert setup.proxy.address.exists()
+
+
+def test_containerd_down_is_unavailable_and_keeps_nothing(tmp_path: Path) -> None:
+    sockets = Path(tempfile.mkdtemp(prefix="lzp", dir="/tmp"))
+    store = CredentialStore(tmp_path / "cri", ttl=3600)
+    proxy = ImageServiceProxy(sockets / "proxy.sock", str(sockets / "absent.sock"), store)
+    proxy.start()
+    try:
+        with (grpc.insecure_channel(f"unix://{sockets}/proxy.sock") as channel,
+              pytest.raises(grpc.RpcError) as err):
+            channel.unary_unary("/runtime.v1.ImageService/PullImage")(_pull(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert store.entries() == []
+    finally:
+        proxy.stop(grace=0)
+        sockets.rmdir()
