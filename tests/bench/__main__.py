@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             results.note(f"mode {name} skipped: {why}")
             continue
         modes.append(mode)
-    converter = make_converter(args.converter, args.convert_cmd)
+    # Smoke images are mostly random bytes, where level 9 only costs CI time.
+    converter = make_converter(args.converter, args.convert_cmd, level=1 if args.smoke else 9)
     failed = []
     with Catalog(args.cache_dir, args.smoke, converter, log) as catalog:
         ctx = Context(catalog, results, args.scratch, reps, conditions, modes, args.smoke, log)

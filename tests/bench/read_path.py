@@ -72,8 +72,9 @@ def run(ctx: Context) -> None:
 
     def add(case: str, variant: str, value: float, rep: int, baseline: str = "native",
             unit: str = "MB/s") -> None:
-        ctx.results.add(Record("read_path", case, variant, unit.replace("/", "p"), value, unit,
-                               rep, baseline, higher_is_better=True))
+        metric = {"MB/s": "throughput", "IOPS": "iops", "ms/read": "latency"}[unit]
+        ctx.results.add(Record("read_path", case, variant, metric, value, unit, rep, baseline,
+                               higher_is_better=unit != "ms/read"))
         ctx.log(f"read_path {case} {variant} rep {rep}: {value:.1f} {unit}")
 
     for rep in range(ctx.reps):
