@@ -59,6 +59,7 @@ async def _status_loop(
     store: CredentialStore | None = None,
 ) -> None:
     path = cfg.root / STATUS_FILE
+    failing = False
     while True:
         doc: dict[str, Any] = remote.status() if remote is not None else {"layers": []}
         if store is not None:
@@ -71,7 +72,17 @@ async def _status_loop(
         }
         doc["time"] = time.time()
         doc["pid"] = os.getpid()
-        await trio.to_thread.run_sync(_write_status, path, doc)
+        try:
+            await trio.to_thread.run_sync(_write_status, path, doc)
+        except OSError as exc:
+            # A full disk must not stop the daemon: every lazy container depends on it.
+            if not failing:
+                log.warning("cannot write status file %s: %s", path, exc)
+            failing = True
+        else:
+            if failing:
+                log.info("status file %s written again", path)
+            failing = False
         await trio.sleep(STATUS_INTERVAL)
 
 
