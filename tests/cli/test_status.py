@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,30 @@ def test_unreadable_status_says_permission_denied(tmp_path: Path) -> None:
     )
     assert done.returncode == EXIT_CODES[PermissionDenied]
     assert "permission denied" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_daemon_survives_a_status_file_it_cannot_write(tmp_path: Path) -> None:
+    """A full disk (here: a directory where the temp file goes) costs the status file,
+    never the daemon; status works again once the file can be written."""
+    from tests.e2e.harness import Lazysnap, remove_tree, wait_for
+
+    sockdir = Path(tempfile.mkdtemp(prefix="lz", dir="/tmp"))
+    daemon = Lazysnap(tmp_path / "daemon", str(sockdir / "lazysnap.sock"))
+    blocker = daemon.root / "status.json.tmp"
+    blocker.mkdir(parents=True)
+    try:
+        daemon.start()
+        wait_for(lambda: "cannot write status file" in daemon.log_path.read_text(), 30,
+                 "the daemon to report the status file")
+        assert _status(daemon.root) == EXIT_CODES[NotFound]
+        blocker.rmdir()
+        wait_for(lambda: (daemon.root / "status.json").exists(), 30, "a status file")
+        daemon.check_alive()
+        assert _status(daemon.root) == 0
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+        remove_tree(sockdir)
+    assert "Traceback" not in daemon.log_path.read_text()
