@@ -8,6 +8,7 @@ knows nothing of HTTP (the caller binds the registry client) nor of files (fs/ a
 from __future__ import annotations
 
 import math
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Literal
 
 import trio
 
+from snapshotter import metrics
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss, InvalidArgument, LazysnapError, Unavailable, category
@@ -251,7 +253,13 @@ class RemoteBlob:
 
     async def _fetch(self, start: int, end: int, purpose: Purpose) -> bytes:
         self._fetches += 1
-        data = await self._fetch_range(start, end)
+        started = time.perf_counter()
+        try:
+            data = await self._fetch_range(start, end)
+        except Exception:
+            metrics.count_fetch_error(purpose)
+            raise
+        metrics.observe_fetch(purpose, len(data), time.perf_counter() - started)
         self._bytes[purpose] += len(data)
         if len(data) != end - start:
             raise ShortRead(f"{self.name}: range [{start}, {end}) answered with {len(data)} bytes")

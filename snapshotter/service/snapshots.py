@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
-from snapshotter import errors
+from snapshotter import errors, metrics
 from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.service import convert
 from snapshotter.service._proto.containerd.services.snapshots.v1 import (
@@ -57,12 +57,16 @@ def _call(method: str, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         code = STATUS_CODES[cat]
         level = logging.DEBUG if isinstance(exc, _QUIET) else logging.WARNING
         log.log(level, "%s: %s: %s", method, code.name, exc)
+        metrics.count_rpc_error(method, code.name)
         context.abort(code, str(exc))
     except Exception as exc:
         log.exception("%s: internal error", method)
+        metrics.count_rpc_error(method, grpc.StatusCode.INTERNAL.name)
         context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {exc}")
     finally:
-        log.debug("%s took %.1f ms", method, (time.monotonic() - start) * 1e3)
+        elapsed = time.monotonic() - start
+        metrics.observe_rpc(method, elapsed)
+        log.debug("%s took %.1f ms", method, elapsed * 1e3)
     raise AssertionError("unreachable")  # context.abort raises
 
 
