@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from snapshotter import errors
+from snapshotter import errors, metrics
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.config import Config
 from snapshotter.core.remote import RemoteRequired
@@ -223,6 +223,7 @@ class FuseRemoteLayers:
     def _fallback(self, digest: str, labels: Mapping[str, str], exc: BaseException) -> None:
         reason = _reason(exc)
         self.fallbacks[reason] += 1
+        metrics.count_fallback(reason)
         ref = labels.get("containerd.io/snapshot/cri.image-ref") or labels.get(
             "containerd.io/snapshot/remote/stargz.reference", "")
         self.recent_fallbacks.append(
