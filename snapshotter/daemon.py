@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from snapshotter import metrics
 from snapshotter.bridge import FuseRemoteLayers
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.cli.status import STATUS_FILE
@@ -102,7 +103,11 @@ async def _serve(cfg: Config) -> None:
     server: SnapshotServer | None = None
     proxy: ImageServiceProxy | None = None
     sn: Snapshotter | None = None
+    metrics.watch_cache(cache.statistics)
+    metrics_server: metrics.MetricsServer | None = None
     try:
+        if cfg.metrics_address:
+            metrics_server = metrics.serve(cfg.metrics_address)
         async with trio.open_nursery() as nursery:
             remote = None
             if cfg.lazy:
@@ -135,6 +140,9 @@ async def _serve(cfg: Config) -> None:
             server = None
             nursery.cancel_scope.cancel()
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
+        metrics.watch_cache(None)
         if proxy is not None:
             await trio.to_thread.run_sync(proxy.stop)
         if server is not None:
