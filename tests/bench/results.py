@@ -131,6 +131,12 @@ class Results:
         doc = {"meta": self.meta, "summary": self.summary(), "notes": self.notes,
                "records": [asdict(r) for r in self.records]}
         self.out.write_text(json.dumps(doc, indent=1))
+        try:
+            from tests.bench.charts import write_charts
+
+            write_charts(doc["summary"], self.out)
+        except ImportError:
+            self.notes.append("no charts: matplotlib is not installed")
         self.out.with_suffix(".md").write_text(self.table())
 
 
