@@ -179,3 +179,27 @@ async def test_plain_http_hosts_send_everything_over_http(
 
     assert {s.url.scheme for s in fake.seen} == {"http"}
     assert ("app", "esgz") in fake.manifests
+
+
+@pytest.mark.parametrize("auth", ["basic", "bearer"])
+async def test_credentials_from_the_docker_config_as_the_daemon_reads_them(
+    fake: FakeRegistry, tmp_path: Path, scratch: Path, auth: str
+) -> None:
+    import base64
+
+    from snapshotter.convert import ConvertOptions, convert_image
+    from snapshotter.registry.client import RegistryClient
+
+    fake.auth, fake.users = auth, {"alice": "secret"}
+    _push(fake, "app", "v1", image_docs([Layer((Entry("a", data=b"a"),))]))
+    config = tmp_path / "docker.json"
+    token = base64.b64encode(b"alice:secret").decode()
+    config.write_text(json.dumps({"auths": {HOST: {"auth": token}}}))
+    client = RegistryClient(hosts_dir=None, docker_config=config, transport=fake.transport())
+    try:
+        await convert_image(f"{HOST}/app:v1", f"{HOST}/app:esgz", client=client,
+                            options=ConvertOptions(tmp_dir=scratch))
+    finally:
+        await client.aclose()
+
+    assert ("app", "esgz") in fake.manifests
