@@ -302,9 +302,12 @@ class LayoutDestination:
         manifests = index.setdefault("manifests", [])
         if self.tag is not None:
             desc["annotations"] = {REF_NAME: self.tag}
-            manifests[:] = [
-                m for m in manifests if (m.get("annotations") or {}).get(REF_NAME) != self.tag
-            ]
+        # One entry per name (an untagged image's name is its digest), as a tag moves.
+        manifests[:] = [
+            m for m in manifests
+            if (m.get("annotations") or {}).get(REF_NAME) != self.tag
+            or (self.tag is None and m.get("digest") != str(digest))
+        ]
         manifests.append(desc)
         (self.dir / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
         tmp = index_path.with_name(f".index.json.{os.getpid()}.tmp")

@@ -257,3 +257,25 @@ async def test_foreign_layers_pass_through_untouched(tmp_path: Path, convert: Co
     new_config = json.loads(read_blob(tmp_path / "dst", out["config"]["digest"]))
     assert new_config["rootfs"]["diff_ids"][0] == "sha256:" + "e" * 64
     assert summary.layers == 1
+
+
+async def test_layout_destination_index_keeps_one_entry_per_name(
+    tmp_path: Path, convert: Convert
+) -> None:
+    write_image(tmp_path / "src", image_docs([Layer((Entry("a", data=b"a"),))]))
+    write_image(tmp_path / "src2", image_docs([Layer((Entry("b", data=b"b"),))]))
+
+    await convert(f"oci:{tmp_path}/src:v1", f"oci:{tmp_path}/dst:esgz")
+    await convert(f"oci:{tmp_path}/src2:v1", f"oci:{tmp_path}/dst:esgz")  # the tag moves
+    await convert(f"oci:{tmp_path}/src:v1", f"oci:{tmp_path}/dst")
+    await convert(f"oci:{tmp_path}/src:v1", f"oci:{tmp_path}/dst")  # same untagged image
+
+    index = json.loads((tmp_path / "dst/index.json").read_text())
+    names = [m.get("annotations", {}).get("org.opencontainers.image.ref.name")
+             for m in index["manifests"]]
+    assert names == ["esgz", None]
+    moved, _ = read_layout(tmp_path / "dst", "esgz")
+    toc = toc_of(read_blob(tmp_path / "dst", moved["layers"][0]["digest"]))[1]
+    assert [e["name"] for e in toc["entries"]] == ["b"]
+    assert json.loads((tmp_path / "dst/oci-layout").read_text()) == {
+        "imageLayoutVersion": "1.0.0"}

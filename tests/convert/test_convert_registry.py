@@ -203,3 +203,26 @@ async def test_credentials_from_the_docker_config_as_the_daemon_reads_them(
         await client.aclose()
 
     assert ("app", "esgz") in fake.manifests
+
+
+async def test_missing_source_image(fake: FakeRegistry, convert: Convert) -> None:
+    with pytest.raises(NotFound, match="app:nope"):
+        await convert(f"{HOST}/app:nope", f"{HOST}/app:esgz")
+    assert _writes(fake) == []
+
+
+async def test_registry_serving_other_bytes_than_the_digest(
+    fake: FakeRegistry, convert: Convert, scratch: Path
+) -> None:
+    from snapshotter.errors import DataLoss
+
+    built = image_docs(list(sample_image().layers))
+    _push(fake, "app", "v1", built)
+    layer = json.loads(built.blobs[built.root["digest"]])["layers"][0]["digest"]
+    fake.blobs[layer] = fake.blobs[layer][:-10] + b"0123456789"
+
+    with pytest.raises(DataLoss, match=f"layer 1 \\({layer}\\).*digest mismatch"):
+        await convert(f"{HOST}/app:v1", f"{HOST}/app:esgz")
+
+    assert _manifest_puts(fake) == []
+    assert list(scratch.iterdir()) == []
