@@ -179,7 +179,8 @@ class FuseRemoteLayers:
         with self._lock:
             self._next_dir = max(self._next_dir, int(h["dir"]) + 1)
         try:
-            self._run(self._restore, h, True)
+            # No network at boot: a silent registry would hold up the start per layer.
+            self._run(self._restore, h, True, False)
         except errors.LazysnapError as exc:
             log.warning("layer %s: not restored now (%s); will retry on first use",
                         h["digest"], exc)
@@ -313,12 +314,15 @@ class FuseRemoteLayers:
             layer.refs += 1
         return self._handle(layer)
 
-    async def _restore(self, h: dict[str, Any], counting: bool = False) -> None:
-        await self._one_at_a_time(h["digest"], self._restore_locked, h, counting)
+    async def _restore(
+        self, h: dict[str, Any], counting: bool = False, fetch_toc: bool = True
+    ) -> None:
+        await self._one_at_a_time(h["digest"], self._restore_locked, h, counting, fetch_toc)
 
-    async def _restore_locked(self, h: dict[str, Any], counting: bool) -> None:
+    async def _restore_locked(self, h: dict[str, Any], counting: bool, fetch_toc: bool) -> None:
         """Attach a layer recorded in a handle: from the stored TOC when we have it (no
-        network needed), else fetched again."""
+        network needed), else fetched again (unless `fetch_toc` is false: then `check`
+        does it on first use)."""
         source = LayerSource(image_ref=h["ref"], layer_digest=h["digest"],
                              toc_digest=h.get("toc", ""))
         with self._lock:
@@ -337,6 +341,11 @@ class FuseRemoteLayers:
                 partial(self._tocs.load, Digest.parse(source.toc_digest), blob_size=h["size"],
                         max_entries=self._cfg.max_toc_entries)
             )
+        if toc is None and not fetch_toc:
+            layer.error = "toc not stored; fetched on first use"
+            log.info("layer %s: %s", h["digest"], layer.error)
+            return
+        toc_bytes: list[bytes] = []
         try:
             if toc is None:
                 toc = await load_toc(
@@ -344,11 +353,15 @@ class FuseRemoteLayers:
                     toc_digest=Digest.parse(source.toc_digest) if source.toc_digest else None,
                     max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
                     allow_unverified=not source.toc_digest, timeout=self._cfg.fetch_timeout,
-                    name=f"layer {h['digest']}",
+                    name=f"layer {h['digest']}", raw_sink=toc_bytes.append,
                 )
         except errors.LazysnapError as exc:
             layer.error = str(exc)
             raise errors.Unavailable(f"layer {h['digest']}: cannot restore: {exc}") from exc
+        if source.toc_digest and toc_bytes:  # so that the next start needs no network
+            await trio.to_thread.run_sync(
+                self._tocs.save, Digest.parse(source.toc_digest), toc_bytes[0], toc.toc_offset
+            )
         blob = RemoteBlob(fetch, self._cache, blob_size=h["size"],
                           fetch_timeout=self._cfg.fetch_timeout, name=f"layer {h['digest']}")
         tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)
