@@ -108,37 +108,38 @@ async def _serve(cfg: Config) -> None:
     try:
         if cfg.metrics_address:
             metrics_server = metrics.serve(cfg.metrics_address)
-        async with trio.open_nursery() as nursery:
-            remote = None
-            if cfg.lazy:
-                repo = Repository()
-                await nursery.start(
-                    partial(run_repository, read_timeout=cfg.read_timeout),
-                    cfg.root / "repo", repo,
-                )
-                remote = FuseRemoteLayers(
-                    cfg, repository=repo, client=client, cache=cache,
-                    token=trio.lowlevel.current_trio_token(),
-                )
-            # In a worker thread: recovery restores remote layers through the bridge,
-            # which calls back into this trio loop.
-            sn = await trio.to_thread.run_sync(lambda: Snapshotter(cfg.root, remote=remote))
-            server = SnapshotServer(sn, cfg.address, mode=int(cfg.socket_mode, 8))
-            server.start()
-            if store is not None:
-                proxy = ImageServiceProxy(Path(cfg.cri_proxy_address), cfg.containerd_address,
-                                          store, mode=int(cfg.socket_mode, 8))
-                proxy.start()
-            nursery.start_soon(_status_loop, cfg, remote, cache, store)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                log.info("lazysnap ready (root %s, lazy %s)", cfg.root,
-                         "on" if cfg.lazy else "off")
+        # Signals are queued from the start: a SIGTERM during a long restore then stops
+        # the daemon cleanly once it is up, instead of killing it with the mount in place.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                remote = None
+                if cfg.lazy:
+                    repo = Repository()
+                    await nursery.start(
+                        partial(run_repository, read_timeout=cfg.read_timeout),
+                        cfg.root / "repo", repo,
+                    )
+                    remote = FuseRemoteLayers(
+                        cfg, repository=repo, client=client, cache=cache,
+                        token=trio.lowlevel.current_trio_token(),
+                    )
+                # In a worker thread: recovery restores remote layers through the bridge,
+                # which calls back into this trio loop.
+                sn = await trio.to_thread.run_sync(lambda: Snapshotter(cfg.root, remote=remote))
+                server = SnapshotServer(sn, cfg.address, mode=int(cfg.socket_mode, 8))
+                server.start()
+                if store is not None:
+                    proxy = ImageServiceProxy(Path(cfg.cri_proxy_address), cfg.containerd_address,
+                                              store, mode=int(cfg.socket_mode, 8))
+                    proxy.start()
+                nursery.start_soon(_status_loop, cfg, remote, cache, store)
+                log.info("lazysnap ready (root %s, lazy %s)", cfg.root, "on" if cfg.lazy else "off")
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)
                     break
-            await trio.to_thread.run_sync(server.stop)
-            server = None
-            nursery.cancel_scope.cancel()
+                await trio.to_thread.run_sync(server.stop)
+                server = None
+                nursery.cancel_scope.cancel()
     finally:
         if metrics_server is not None:
             metrics_server.close()
