@@ -25,6 +25,7 @@ from tests.e2e.conftest import daemon_log_problems, data_sha256
 from tests.e2e.daemon_status import layer_rows, status_after, status_cli
 from tests.e2e.estargz import EstargzImage
 from tests.e2e.harness import Registry
+from tests.e2e.proxy import TcpProxy
 from tests.e2e.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.fuse, pytest.mark.slow]
@@ -144,3 +145,28 @@ def test_start_after_kill_9_clears_the_dead_repository_mount(stack: Stack, ref: 
     assert mounted(repo) == ["fuse.lazysnap"], "the dead mount was not replaced"
     assert _sha256(stack, ref, "after-kill", "/data/big-0.bin") == data_sha256("data/big-0.bin")
     assert "removing stale" in stack.lazysnap.log_path.read_text()
+
+
+def test_silent_registry_and_no_stored_toc_do_not_hold_up_the_start(
+    stack: Stack, own_registry: Registry, esgz_data: tuple[EstargzImage, EstargzImage]
+) -> None:
+    """Without stored TOCs (lost, or from an older version) a restart needs the registry
+    for the trees; a registry that accepts connections and never answers must not keep
+    the daemon from serving containerd: the layer is restored on first use."""
+    assert stack.lazysnap is not None
+    with TcpProxy(("127.0.0.1", own_registry.port)) as proxy:
+        ref = esgz_data[1].ref(proxy.host)
+        stack.pull(ref, tool="ctr-remote", verb="rpull")
+        for stored in (stack.lazysnap.root / "tocs").iterdir():
+            stored.unlink()
+        proxy.set_mode("blackhole")
+        started = time.monotonic()
+        stack.lazysnap.restart()
+        stack.wait_ready()
+        took = time.monotonic() - started
+        print(f"daemon restarted with a silent registry in {took:.1f}s")
+        assert took < 20
+
+        proxy.set_mode("forward")
+        out = stack.run(ref, "restored-on-use", "cat", "/data/b.txt")
+        assert out == "b"
