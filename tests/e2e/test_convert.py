@@ -70,7 +70,11 @@ def _blob(registry: Registry, digest: str) -> bytes:
 def converted(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Converted:
     push_image(registry.url, REPO, "v1", sample_image())
     work = tmp_path_factory.mktemp("convert")
-    out = lazysnap_convert(f"{registry.host}/{REPO}:v1", f"{registry.host}/{REPO}:lazysnap")
+    # Prioritized files (and so landmarks) only reorder entries: the TOCs still compare equal.
+    prioritize = work / "prioritize.txt"
+    prioritize.write_text("bin/busybox\netc/passwd\ndata/hello.txt\n")
+    out = lazysnap_convert(f"{registry.host}/{REPO}:v1", f"{registry.host}/{REPO}:lazysnap",
+                           "--prioritize", str(prioritize))
     ours = EstargzImage(REPO, "lazysnap", _manifest(registry, "lazysnap"))
     theirs = convert_and_push(work / "ctr-remote", registry, REPO, "v1", "ctr-remote")
     return Converted(ours, theirs, out)
@@ -102,8 +106,13 @@ def _files(toc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_tocs_list_the_same_files_as_ctr_remote(registry: Registry, converted: Converted) -> None:
     assert "converted " in converted.cli_output and "layers:    2" in converted.cli_output
     assert len(converted.ours.layers) == len(converted.theirs.layers) == 2
-    for ours, theirs in zip(converted.ours.layers, converted.theirs.layers, strict=True):
-        our_files = _files(read_toc(_blob(registry, str(ours["digest"]))))
+    for ours, theirs, first in zip(converted.ours.layers, converted.theirs.layers,
+                                   ({"bin/busybox", "etc/passwd"}, {"data/hello.txt"}),
+                                   strict=True):
+        our_toc = read_toc(_blob(registry, str(ours["digest"])))
+        names = [e["name"] for e in our_toc["entries"]]  # type: ignore[union-attr]
+        assert first <= set(names[: names.index(".prefetch.landmark")])
+        our_files = _files(our_toc)
         their_files = _files(read_toc(_blob(registry, str(theirs["digest"]))))
         differences = [
             (name, our_files.get(name), their_files.get(name))
