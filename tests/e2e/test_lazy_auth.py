@@ -162,6 +162,7 @@ def test_status_cli_shows_lazy_layers_and_why_others_are_not(
 
     done = status_cli(stack.lazysnap.root)
     assert done.returncode == 0, done.stderr
+    print(done.stdout)
     lines = done.stdout.splitlines()
     assert lines[0].split() == ["IMAGE", "LAYER", "MODE", "SIZE", "FETCHED", "%", "HITS"]
     for layer in a.layers:
