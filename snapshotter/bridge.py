@@ -190,6 +190,7 @@ class FuseRemoteLayers:
         with self._lock:
             layers = list(self._layers.values())
             paths = list(self._paths.values())
+            fallbacks, counts = list(self.recent_fallbacks), dict(self.fallbacks)
         rows = [{
             "image_ref": source.image_ref, "layer_digest": source.layer_digest,
             "mode": "path", "path": path, "size": 0, "bytes_fetched": 0,
@@ -213,8 +214,8 @@ class FuseRemoteLayers:
             })
         return {
             "layers": rows,
-            "fallbacks": list(self.recent_fallbacks),
-            "fallback_counts": dict(self.fallbacks),
+            "fallbacks": fallbacks,
+            "fallback_counts": counts,
         }
 
     # -- internals ----------------------------------------------------------------------
@@ -223,13 +224,14 @@ class FuseRemoteLayers:
 
     def _fallback(self, digest: str, labels: Mapping[str, str], exc: BaseException) -> None:
         reason = _reason(exc)
-        self.fallbacks[reason] += 1
         metrics.count_fallback(reason)
         ref = labels.get("containerd.io/snapshot/cri.image-ref") or labels.get(
             "containerd.io/snapshot/remote/stargz.reference", "")
-        self.recent_fallbacks.append(
-            {"image_ref": ref, "layer_digest": digest, "reason": reason, "detail": str(exc)}
-        )
+        with self._lock:  # gRPC threads fall back concurrently; Counter += is not atomic
+            self.fallbacks[reason] += 1
+            self.recent_fallbacks.append(
+                {"image_ref": ref, "layer_digest": digest, "reason": reason, "detail": str(exc)}
+            )
         if self._cfg.require_lazy:
             log.error("layer %s: cannot be served lazily (%s: %s); require_lazy is set",
                       digest, reason, exc)
