@@ -263,6 +263,16 @@ async def test_fallbacks_accumulate_per_reason(bench: Bench) -> None:
     assert bench.bridge.status()["fallback_counts"] == {"no-toc-digest": 2, "not-estargz": 1}
 
 
+async def test_concurrent_fallbacks_are_all_counted(bench: Bench) -> None:
+    labels = [_no_toc(bench.fake)[0] for _ in range(32)]
+    async with trio.open_nursery() as nursery:
+        for one in labels:
+            nursery.start_soon(bench.prepare, one)
+    status = bench.bridge.status()
+    assert status["fallback_counts"] == {"no-toc-digest": 32}
+    assert len(status["fallbacks"]) == 32
+
+
 async def test_unverified_layer_only_with_skipverify_and_allow_no_verification(
     make_bench: MakeBench,
 ) -> None:
