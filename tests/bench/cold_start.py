@@ -59,6 +59,9 @@ def measure_start(ctx: Context, part: str, image: BuiltImage, mode: Mode, cond: 
             f"{down / 1e6:.1f} MB ({100 * frac:.1f}% of {extra['image_bytes'] / 1e6:.1f} MB)"
             + (f", fallbacks {extra['fallbacks']}" if extra.get("fallbacks") else ""))
     ctx.results.add(Record(part, case, mode.name, "fetched_fraction", frac, "x", rep))
+    if mode.esgz and extra.get("fallbacks"):
+        ctx.results.note(f"{part} {case} {mode.name} rep {rep}: layers fell back to a full "
+                         f"download ({', '.join(extra['fallbacks'])}): not a lazy start")
     return metrics
 
 
