@@ -12,10 +12,11 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -53,6 +54,7 @@ from snapshotter.registry.manifest import Descriptor, Index, Manifest, Platform
 __all__ = ["ConvertOptions", "ConvertSummary", "convert_image"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ATTESTATION = ("vnd.docker.reference.type", "attestation-manifest")
 _MAX_DEPTH = 3
@@ -155,7 +157,8 @@ class _Job:
         try:
             await self._convert_all(todo, tmp)
         finally:
-            await trio.to_thread.run_sync(partial(shutil.rmtree, tmp, ignore_errors=True))
+            with trio.CancelScope(shield=True):  # also when interrupted: no temp data left
+                await trio.to_thread.run_sync(partial(shutil.rmtree, tmp, ignore_errors=True))
         written = await self._write(root, tagged=True)
         return ConvertSummary(
             source=self.src.name,
@@ -223,7 +226,7 @@ class _Job:
                 self.progress.layer_started(key, layer.desc.size)
                 src = await self.src.fetch_layer(layer.desc, tmp.with_suffix(".src"), layer.what)
                 self.progress.phase(key, "convert")
-                layer.output = await trio.to_thread.run_sync(
+                layer.output = await self._in_thread(
                     partial(
                         convert_layer,
                         src,
@@ -252,6 +255,29 @@ class _Job:
                 ):
                     raise _in_context(exc, layer.what) from exc
                 raise
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        """`fn()` in a worker thread that stops soon after this task is cancelled.
+
+        A thread cannot be interrupted, but a converting one checks `self.stop` at each
+        read: set it, then wait (shielded) until the thread is out of the temp dir.
+        """
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def run() -> T:
+            try:
+                return fn()
+            finally:
+                trio.from_thread.run_sync(done.set, trio_token=token)
+
+        try:
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except trio.Cancelled:
+            self.stop.set()
+            with trio.CancelScope(shield=True):
+                await done.wait()
+            raise
 
     async def _push(self, data: bytes | Path, digest: Digest) -> bool:
         uploaded = await self.dst.push_blob(data, digest, mount_from=self.src.registry_repo)

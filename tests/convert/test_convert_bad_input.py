@@ -228,3 +228,40 @@ def test_cli_converts_and_prints_a_summary(
     assert code == 0
     assert "converted oci:" in out and "layers:    1" in out and "2 uploaded, 0 already" in out
     assert "[1/1] sha256:" in err  # plain lines: stderr is not a terminal here
+
+
+async def test_cancellation_stops_the_worker_thread_and_removes_temp_data(
+    tmp_path: Path, client, scratch: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """As on Ctrl-C: the thread converting a big layer gives up at its next read."""
+    import random
+    import threading
+
+    import trio
+
+    from snapshotter.convert import ConvertOptions, NullProgress, convert_image
+
+    size = 32 << 20
+    data = random.Random(3).randbytes(size)
+    write_image(tmp_path / "src", image_docs([Layer((Entry("big", data=data),))]))
+    token = trio.lowlevel.current_trio_token()
+    read = 0
+    lock = threading.Lock()
+
+    class CancelOnFirstBytes(NullProgress):
+        def advance(self, key: str, nbytes: int) -> None:
+            nonlocal read
+            with lock:
+                read += nbytes
+                first = read == nbytes
+            if first:
+                trio.from_thread.run_sync(scope.cancel, trio_token=token)
+
+    with trio.CancelScope() as scope:
+        await convert_image(
+            f"oci:{tmp_path}/src:v1", f"oci:{tmp_path}/dst:v1", client=client,
+            options=ConvertOptions(tmp_dir=scratch), progress=CancelOnFirstBytes(),
+        )
+    assert scope.cancelled_caught
+    assert read < size // 4, f"the thread read {read} of {size} bytes after being cancelled"
+    _assert_nothing_written(tmp_path / "dst", scratch)
