@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from snapshotter.errors import InvalidArgument
-from snapshotter.format.toc import ENTRY_TYPES, Chunk, Entry, Toc
+from snapshotter.format.toc import ENTRY_TYPES, Toc, TocBuilder
 
 __all__ = ["NO_PREFETCH_LANDMARK", "PREFETCH_LANDMARK", "InvalidTOC", "parse_toc"]
 
@@ -209,36 +209,35 @@ def _xattrs(raw: object, i: int, name: str) -> tuple[tuple[str, bytes], ...]:
 
 
 class _File:
-    """A non-empty reg entry whose chunks are not all known yet, or not all ended."""
+    """The non-empty reg entry that `chunk` entries may still extend."""
 
-    __slots__ = ("at", "chunks", "closed", "pos", "unresolved")
+    __slots__ = ("at", "digest", "name", "size")
 
-    def __init__(self, pos: int) -> None:
-        self.pos = pos
+    def __init__(self, name: str, size: int, digest: str) -> None:
+        self.name = name
+        self.size = size
+        self.digest = digest
         self.at = 0  # file offset the next chunk must start at
-        self.chunks: list[Chunk] = []
-        self.unresolved = 0  # chunks whose member end is not known yet
-        self.closed = False  # no more `chunk` entries may follow
 
 
 class _TocParser:
     """One pass. A chunk's member ends at the next larger offset, so payload offsets
-    must not decrease in TOC order (writers emit entries in blob order); a file's Entry
-    is built as soon as its last chunk has an end, keeping the transient state small."""
+    must not decrease in TOC order (writers emit entries in blob order); a chunk's row
+    is written when it appears and its member end filled in when the next offset does."""
 
     def __init__(self, blob_size: int, toc_offset: int) -> None:
         self.blob_size = blob_size
         self.toc_offset = toc_offset
-        self.entries: list[Entry] = [Entry("", "dir", mode=0o755)]
-        self.index: dict[str, int] = {"": 0}
+        self.toc = TocBuilder()
+        self.toc.add("", "dir", mode=0o755)
         self.open_reg: _File | None = None  # the file `chunk` entries may extend
         self.landmark: int | None = None
         self.no_prefetch = False
         self.mtimes: dict[str, int] = {}  # modtime text -> ns: images repeat a few
         self.offset = -1  # the largest payload offset so far
         # chunks starting at `self.offset`, waiting for the next offset to end them:
-        # (file, chunk_offset, size, inner_offset, digest)
-        self.waiting: list[tuple[_File, int, int, int, str]] = []
+        # (chunk row, inner_offset, size, file name)
+        self.waiting: list[tuple[int, int, int, str]] = []
 
     def parse(self, raw_entries: Iterator[Any]) -> Toc:
         for i, raw in enumerate(raw_entries):
@@ -247,8 +246,7 @@ class _TocParser:
             self._entry(i, raw)
         self._close_reg()
         self._advance(self.toc_offset)
-        return Toc(
-            entries=tuple(self.entries),
+        return self.toc.build(
             toc_offset=self.toc_offset,
             blob_size=self.blob_size,
             prefetch_landmark=self.landmark,
@@ -274,107 +272,79 @@ class _TocParser:
             mtime = _mtime_ns(text, i, name)
             if isinstance(text, str):
                 self.mtimes[text] = mtime
-        common: dict[str, Any] = {
-            "mode": _int(raw, "mode", i) & 0o7777,
-            "uid": _int(raw, "uid", i, _MAX_ID),
-            "gid": _int(raw, "gid", i, _MAX_ID),
-            "mtime_ns": mtime,
-            "xattrs": _xattrs(raw.get("xattrs"), i, name),
-        }
-        pos = self.index.get(name)
+        mode = _int(raw, "mode", i) & 0o7777
+        uid = _int(raw, "uid", i, _MAX_ID)
+        gid = _int(raw, "gid", i, _MAX_ID)
+        xattrs = _xattrs(raw.get("xattrs"), i, name) if "xattrs" in raw else ()
+        toc = self.toc
+        pos = toc.find(name)
         if pos is not None:
-            if typ == "dir" and self.entries[pos].type == "dir":
-                self.entries[pos] = Entry(name, "dir", **common)
+            if typ == "dir" and toc.type(pos) == "dir":
+                toc.set_attrs(pos, mode=mode, uid=uid, gid=gid, mtime_ns=mtime, xattrs=xattrs)
                 return None
-            raise _fail(i, name, f"duplicate entry ({self.entries[pos].type}, then {typ})")
+            raise _fail(i, name, f"duplicate entry ({toc.type(pos)}, then {typ})")
+        size, major, minor, link, digest = 0, 0, 0, "", ""
         if typ == "reg":
-            return self._reg(i, raw, name, common)
-        if typ == "symlink":
+            size = _int(raw, "size", i)
+            digest = _digest(raw, "digest", i, name, required=False)
+        elif typ == "symlink":
             target = raw.get("linkName")
             if not isinstance(target, str) or not target or "\0" in target:
                 raise _fail(i, name, f"bad symlink target {target!r}")
-            entry = Entry(name, typ, link_name=target, **common)
+            link = target
         elif typ == "hardlink":
-            entry = Entry(name, typ, link_name=self._link_target(i, raw, name), **common)
+            link = self._link_target(i, raw, name)
         elif typ in ("char", "block"):
             major = _int(raw, "devMajor", i, _MAX_ID)
             minor = _int(raw, "devMinor", i, _MAX_ID)
-            entry = Entry(name, typ, dev_major=major, dev_minor=minor, **common)
-        else:  # dir, fifo
-            entry = Entry(name, typ, **common)
-        self._add(entry)
+        toc.add(
+            name, typ, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime,
+            link_name=link, dev_major=major, dev_minor=minor, xattrs=xattrs, digest=digest,
+        )  # fmt: skip
+        if size:
+            self.open_reg = _File(name, size, digest)
+            if raw.get("chunkOffset", 0) != 0:
+                raise _fail(i, name, "the reg entry must hold the chunk at file offset 0")
+            self._chunk(i, raw, name)
         return None
-
-    def _add(self, entry: Entry) -> int:
-        self.index[entry.name] = pos = len(self.entries)
-        self.entries.append(entry)
-        return pos
 
     def _parents(self, i: int, name: str) -> None:
         cut = name.rfind("/")
         if cut < 0:
             return
         parent = name[:cut]
-        pos = self.index.get(parent)
+        pos = self.toc.find(parent)
         if pos is None:
             self._parents(i, parent)
-            self._add(Entry(parent, "dir", mode=0o755))
-        elif self.entries[pos].type != "dir":
-            raise _fail(i, name, f"parent {parent!r} is a {self.entries[pos].type}")
-
-    def _reg(self, i: int, raw: dict[str, Any], name: str, common: dict[str, Any]) -> None:
-        size = _int(raw, "size", i)
-        digest = _digest(raw, "digest", i, name, required=False)
-        # A placeholder until the chunks are known; few are alive at once.
-        pos = self._add(Entry(name, "reg", size=size, digest=digest, **common))
-        if size:
-            self.open_reg = _File(pos)
-            if raw.get("chunkOffset", 0) != 0:
-                raise _fail(i, name, "the reg entry must hold the chunk at file offset 0")
-            self._chunk(i, raw, name)
+            self.toc.add(parent, "dir", mode=0o755)
+        elif (typ := self.toc.type(pos)) != "dir":
+            raise _fail(i, name, f"parent {parent!r} is a {typ}")
 
     def _chunk(self, i: int, raw: dict[str, Any], name: str) -> None:
         f = self.open_reg
-        if f is None or self.entries[f.pos].name != name:
+        if f is None or f.name != name:
             raise _fail(i, name, "chunk entry does not follow a non-empty reg entry of that name")
-        entry = self.entries[f.pos]
         chunk_offset = _int(raw, "chunkOffset", i)
-        size = _int(raw, "chunkSize", i) or entry.size - chunk_offset  # 0: to the end
-        if chunk_offset != f.at or size <= 0 or f.at + size > entry.size:
+        size = _int(raw, "chunkSize", i) or f.size - chunk_offset  # 0: to the end
+        if chunk_offset != f.at or size <= 0 or f.at + size > f.size:
             raise _fail(
                 i, name, f"chunk at file offset {chunk_offset} (size {size}) does not continue "
-                f"at {f.at} within a file of {entry.size} bytes",
+                f"at {f.at} within a file of {f.size} bytes",
             )  # fmt: skip
         f.at += size
         inner = _int(raw, "innerOffset", i)
-        whole = size == entry.size and entry.digest
+        whole = size == f.size and f.digest
         # Legacy (CRFS) TOCs have no chunkDigest; a one-chunk file's digest says the same.
-        digest = _digest(raw, "chunkDigest", i, name, required=not whole) or entry.digest
-        if digest == entry.digest:
-            digest = entry.digest  # one string object for a single-chunk file
-        self._advance(_int(raw, "offset", i), i, name)
-        self.waiting.append((f, chunk_offset, size, inner, digest))
-        f.unresolved += 1
+        digest = _digest(raw, "chunkDigest", i, name, required=not whole) or f.digest
+        offset = _int(raw, "offset", i)
+        self._advance(offset, i, name)
+        row = self.toc.add_chunk(chunk_offset, size, offset, inner, digest)
+        self.waiting.append((row, inner, size, name))
 
     def _close_reg(self) -> None:
         f, self.open_reg = self.open_reg, None
-        if f is None:
-            return
-        entry = self.entries[f.pos]
-        if f.at != entry.size:
-            raise InvalidTOC(
-                f"eStargz toc entry {entry.name!r}: chunks cover {f.at} of {entry.size} bytes"
-            )
-        f.closed = True
-        if not f.unresolved:
-            self._build(f)
-
-    def _build(self, f: _File) -> None:
-        e = self.entries[f.pos]
-        self.entries[f.pos] = Entry(
-            e.name, "reg", e.mode, e.uid, e.gid, e.size, e.mtime_ns,
-            xattrs=e.xattrs, digest=e.digest, chunks=tuple(f.chunks),
-        )  # fmt: skip
+        if f is not None and f.at != f.size:
+            raise InvalidTOC(f"eStargz toc entry {f.name!r}: chunks cover {f.at} of {f.size} bytes")
 
     def _advance(self, offset: int, i: int = -1, name: str = "") -> None:
         """A member starts at `offset`: it ends the members of the waiting chunks."""
@@ -385,19 +355,16 @@ class _TocParser:
         if offset >= self.toc_offset and i >= 0:
             raise _fail(i, name, f"offset {offset} is not before the toc ({self.toc_offset})")
         waiting, self.waiting = self.waiting, []
-        waiting.sort(key=lambda w: w[3])
-        for a, b in itertools.pairwise(waiting):
-            if a[3] + a[2] > b[3]:
-                raise InvalidTOC(
-                    f"eStargz toc entries {self.entries[a[0].pos].name!r} and "
-                    f"{self.entries[b[0].pos].name!r}: chunks overlap in the member at "
-                    f"blob offset {self.offset}"
-                )
-        for f, chunk_offset, size, inner, digest in waiting:
-            f.chunks.append(Chunk(chunk_offset, size, self.offset, offset, inner, digest))
-            f.unresolved -= 1
-            if f.closed and not f.unresolved:
-                self._build(f)
+        if len(waiting) > 1:
+            waiting.sort(key=lambda w: w[1])
+            for a, b in itertools.pairwise(waiting):
+                if a[1] + a[2] > b[1]:
+                    raise InvalidTOC(
+                        f"eStargz toc entries {a[3]!r} and {b[3]!r}: chunks overlap in the "
+                        f"member at blob offset {self.offset}"
+                    )
+        for row, _, _, _ in waiting:
+            self.toc.set_chunk_end(row, offset)
         self.offset = offset
 
     def _landmark(self, i: int, raw: dict[str, Any], name: str, typ: str) -> None:
@@ -414,10 +381,10 @@ class _TocParser:
 
     def _link_target(self, i: int, raw: dict[str, Any], name: str) -> str:
         target = _norm(raw.get("linkName"), i)
-        pos = self.index.get(target)
+        pos = self.toc.find(target)
         if pos is None or not target:
             raise _fail(i, name, f"hardlink target {target!r} is not an earlier entry")
-        entry = self.entries[pos]
-        if entry.type == "dir":
+        typ = self.toc.type(pos)
+        if typ == "dir":
             raise _fail(i, name, f"hardlink target {target!r} is a directory")
-        return entry.link_name if entry.type == "hardlink" else target
+        return self.toc.link_name(pos) if typ == "hardlink" else target

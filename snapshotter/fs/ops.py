@@ -176,7 +176,7 @@ class RepositoryOperations(pyfuse3.Operations):
         if name == b"..":
             up = layer.tree.parent(local)
             return self._attrs(layer, layer.tree.node(up)) if up else self._root_attrs()
-        child = layer.tree.lookup(local, os.fsdecode(name))
+        child = layer.tree.lookup(local, name)
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attrs(layer, layer.tree.node(child))
@@ -194,7 +194,7 @@ class RepositoryOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         layer, local = self._resolve(inode)
         node = layer.tree.node(local)
-        if node.entry.type != "symlink":
+        if node.type != "symlink":
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.target)
 
@@ -206,7 +206,7 @@ class RepositoryOperations(pyfuse3.Operations):
             held: tuple[AttachedLayer | None, int] = (None, 0)
         else:
             layer, local = self._resolve(inode)
-            if layer.tree.entry(local).type != "dir":
+            if not layer.tree.is_dir(local):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             held = (layer, local)
         fh = next(self._handles)

@@ -6,32 +6,43 @@ pyfuse3 attributes and `fs/repository.py` gives each tree a slot in the global i
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import os
 import stat
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from snapshotter.errors import InvalidArgument
-from snapshotter.format.toc import Entry, Toc
-from snapshotter.format.whiteout import OVERLAY_OPAQUE_XATTR, OVERLAY_OPAQUE_YES, WhiteoutKind
+from snapshotter.format.toc import ENTRY_TYPES, NO_PARENT, OTHER_TYPE, TYPE_MASK, Entry, Toc
+from snapshotter.format.whiteout import (
+    OVERLAY_OPAQUE_XATTR,
+    OVERLAY_OPAQUE_YES,
+    WHITEOUT_PREFIX,
+    WhiteoutKind,
+)
 from snapshotter.format.whiteout import classify as classify_name
 
 __all__ = ["ROOT", "InvalidTree", "LayerTree", "Node"]
 
 ROOT = 1  # local inode of the layer's top directory; local inodes are 1..len(tree)
 
-_HIDDEN = 0  # in the build's path -> inode map: not shown, nor anything below it
+_DIR, _REG, _SYMLINK, _HARDLINK, _CHAR, _BLOCK = range(6)
+# file type bits by ENTRY_TYPES index (hardlinks never become inodes of their own)
+_IFMT = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, 0, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO)
+assert ENTRY_TYPES[_BLOCK] == "block" and len(_IFMT) == len(ENTRY_TYPES)
 
-_IFMT = {
-    "dir": stat.S_IFDIR,
-    "reg": stat.S_IFREG,
-    "symlink": stat.S_IFLNK,
-    "char": stat.S_IFCHR,
-    "block": stat.S_IFBLK,
-    "fifo": stat.S_IFIFO,
-}
+# In `LayerTree._row` (inode -> TOC row) and in child name references:
+_WHITEOUT = 1 << 31  # the char 0/0 shown for the `.wh.NAME` entry of this row, named NAME
+_ROW = _WHITEOUT - 1
+_IMPLICIT_ROOT = 0xFFFF_FFFF  # the TOC has no "" entry: a 0o755 root owned by 0:0
+# In the build's row -> inode map:
+_HIDDEN = 0  # not shown, nor anything below it
+_NOT_A_NODE = 0xFFFF_FFFF  # hardlinks, whiteouts, the opaque marker: no inode of their own
+_WH_LEN = len(WHITEOUT_PREFIX)
+_WH = WHITEOUT_PREFIX.encode()
 
 
 class InvalidTree(InvalidArgument):
@@ -44,6 +55,7 @@ class Node:
 
     ino: int  # local inode
     name: str  # base name (of the first path naming it, for hardlinked files)
+    type: str  # one of ENTRY_TYPES except "hardlink"
     mode: int  # file type | permission bits
     nlink: int
     uid: int
@@ -52,7 +64,6 @@ class Node:
     mtime_ns: int
     rdev: int
     target: str  # symlink target, verbatim; "" otherwise
-    entry: Entry  # for regular files: the chunks to read
 
     @property
     def is_dir(self) -> bool:
@@ -71,10 +82,12 @@ class LayerTree:
     - other reserved names (`.wh..wh.*`, AUFS metadata) are not shown, nor anything
       below them (`format/whiteout.py` classifies the names).
 
-    Layout, for 100k-entry layers: entries in a list indexed by inode (the `Entry`
-    objects are the TOC's own, not copies); per-inode numbers in `array`s; every
-    directory's children are one sorted slice of a shared name list, so `lookup` is a
+    Layout, for 100k-entry layers (about 24 bytes per inode on top of the `Toc`, which
+    the tree keeps and reads its names and attributes from): per-inode numbers in
+    `array`s; every directory's children are one slice of two shared arrays (name, as
+    a reference to a TOC row's base name, and inode), sorted by name, so `lookup` is a
     bisection and `children` a slice walk whose positions are stable readdir offsets.
+    Nothing per inode is a Python object; `node` and `entry` make theirs on demand.
 
         tree = LayerTree.from_toc(toc)
         ino = tree.lookup(ROOT, "etc")
@@ -83,141 +96,58 @@ class LayerTree:
     """
 
     __slots__ = (
-        "_dir_end",
-        "_dir_start",
-        "_entries",
-        "_kids",
-        "_names",
+        "_kid_ino",
+        "_kid_ref",
+        "_kids_at",
         "_nlink",
+        "_odd",
         "_opaque",
         "_parent",
+        "_row",
+        "toc",
         "total_size",
     )
 
-    def __init__(self) -> None:
-        self._entries: list[Entry] = []  # [ino - 1]
-        self._nlink = array("I")  # [ino - 1]
-        self._parent = array("I")  # [ino - 1]; directories only (0 otherwise, ROOT's is 0)
-        self._dir_start = array("I")  # [ino - 1]; children slice of a directory
-        self._dir_end = array("I")
-        self._names: list[str] = []  # child base names, sorted within each directory
-        self._kids = array("I")  # child inode, parallel to _names
+    def __init__(self, toc: Toc) -> None:
+        self.toc = toc
+        self._row = array("I", [_IMPLICIT_ROOT])  # [ino - 1]: TOC row, | _WHITEOUT
+        self._parent = array("I", [0])  # [ino - 1]; directories only (0 otherwise, ROOT's is 0)
+        self._nlink = array("I", [2])  # [ino - 1]
+        self._kids_at = array("I", [0, 0])  # [ino - 1], [ino]: bound the children of ino
+        self._kid_ref = array("I")  # a child's name: TOC row whose base name it is, | _WHITEOUT
+        self._kid_ino = array("I")  # parallel to _kid_ref
         self._opaque: frozenset[int] = frozenset()
+        self._odd = toc.odd_rows  # rows whose attributes only toc.entry() has right
         self.total_size = 0  # bytes of regular file content, counting hardlinks once
 
     @classmethod
     def from_toc(cls, toc: Toc) -> LayerTree:
         """Build the tree; raises InvalidTree if the TOC breaks the `Toc` invariants."""
-        tree = cls()
-        entries = tree._entries
-        ino_of: dict[str, int] = {}  # path -> inode; dropped after the build
-        kids: dict[int, dict[str, int]] = {ROOT: {}}  # dir inode -> name -> inode
-        parent = [0]
-        hardlinks: list[tuple[int, str, Entry]] = []
-        whiteouts: list[tuple[int, str, Entry]] = []
-        opaque: set[int] = set()
-
-        entries.append(Entry(name="", type="dir", mode=0o755))
-        ino_of[""] = ROOT
-        for e in toc.entries:
-            if e.name == "":
-                if e.type != "dir":
-                    raise InvalidTree(f"layer root {e.name!r} is a {e.type}, not a dir")
-                entries[0] = e
-                continue
-            dirname, _, base = e.name.rpartition("/")
-            pino = ino_of.get(dirname)
-            if pino == _HIDDEN:
-                ino_of[e.name] = _HIDDEN
-                continue
-            if pino is None or pino not in kids:
-                raise InvalidTree(f"entry {e.name!r}: parent {dirname!r} is not a directory")
-            kind, target = classify_name(base)
-            if kind is WhiteoutKind.OPAQUE:
-                opaque.add(pino)
-            elif kind is WhiteoutKind.META:
-                ino_of[e.name] = _HIDDEN
-            elif kind is WhiteoutKind.WHITEOUT:
-                whiteouts.append((pino, target, e))
-            elif e.type == "hardlink":
-                hardlinks.append((pino, base, e))
-            elif e.type not in _IFMT:
-                raise InvalidTree(f"entry {e.name!r}: unknown type {e.type!r}")
-            elif base in kids[pino]:
-                raise InvalidTree(f"entry {e.name!r} appears twice")
-            else:
-                entries.append(e)
-                ino = len(entries)
-                parent.append(pino if e.type == "dir" else 0)
-                ino_of[e.name] = kids[pino][base] = ino
-                if e.type == "dir":
-                    kids[ino] = {}
-                elif e.type == "reg":
-                    tree.total_size += e.size
-
-        nlink = [2 if e.type == "dir" else 1 for e in entries]
-        pending = hardlinks
-        while pending:  # a hardlink may name another hardlink (tar allows it)
-            later = []
-            for pino, base, e in pending:
-                target = ino_of.get(e.link_name)
-                if not target:  # unknown, hidden, or a hardlink not resolved yet
-                    later.append((pino, base, e))
-                    continue
-                if entries[target - 1].type == "dir":
-                    raise InvalidTree(f"hardlink {e.name!r}: target {e.link_name!r} is a dir")
-                if base in kids[pino]:
-                    raise InvalidTree(f"entry {e.name!r} appears twice")
-                ino_of[e.name] = kids[pino][base] = target
-                nlink[target - 1] += 1
-            if len(later) == len(pending):
-                e = later[0][2]
-                raise InvalidTree(f"hardlink {e.name!r}: target {e.link_name!r} does not exist")
-            pending = later
-        for pino, base, e in whiteouts:
-            if base in kids[pino]:
-                continue
-            dirname = e.name.rpartition("/")[0]
-            shown = f"{dirname}/{base}" if dirname else base
-            entries.append(
-                Entry(name=shown, type="char", uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns)
-            )
-            nlink.append(1)
-            parent.append(0)
-            kids[pino][base] = len(entries)
-
-        n = len(entries)
-        tree._nlink = array("I", nlink)
-        tree._parent = array("I", parent)
-        tree._dir_start = array("I", bytes(4 * n))
-        tree._dir_end = array("I", bytes(4 * n))
-        for dino, names in kids.items():
-            tree._dir_start[dino - 1] = len(tree._names)
-            for base in sorted(names):
-                child = names[base]
-                tree._names.append(base)
-                tree._kids.append(child)
-                if entries[child - 1].type == "dir":
-                    tree._nlink[dino - 1] += 1
-            tree._dir_end[dino - 1] = len(tree._names)
-        tree._opaque = frozenset(opaque)
+        tree = _Build(cls(toc)).run()
+        _return_freed_memory()
         return tree
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._row)
 
-    def _check(self, ino: int) -> Entry:
-        if not 1 <= ino <= len(self._entries):
+    def _check(self, ino: int) -> int:
+        if not 1 <= ino <= len(self._row):
             raise KeyError(ino)
-        return self._entries[ino - 1]
+        return self._row[ino - 1]
 
-    def lookup(self, dir_ino: int, name: str) -> int | None:
+    def _name(self, ref: int) -> bytes:
+        row = ref & _ROW
+        at = self.toc.columns.name_at
+        return self.toc.columns.names[at[row] + (_WH_LEN if ref & _WHITEOUT else 0) : at[row + 1]]
+
+    def lookup(self, dir_ino: int, name: str | bytes) -> int | None:
         """The inode named `name` in directory `dir_ino`, or None."""
         self._check(dir_ino)
-        lo, hi = self._dir_start[dir_ino - 1], self._dir_end[dir_ino - 1]
-        i = bisect_left(self._names, name, lo, hi)
-        if i < hi and self._names[i] == name:
-            return self._kids[i]
+        key = name.encode() if isinstance(name, str) else name
+        lo, hi = self._kids_at[dir_ino - 1], self._kids_at[dir_ino]
+        i = bisect_left(self._kid_ref, key, lo, hi, key=self._name)
+        if i < hi and self._name(self._kid_ref[i]) == key:
+            return self._kid_ino[i]
         return None
 
     def children(self, dir_ino: int, start: int = 0) -> Iterator[tuple[int, str, int]]:
@@ -227,44 +157,275 @@ class LayerTree:
         readdir offset to continue from.
         """
         self._check(dir_ino)
-        lo, hi = self._dir_start[dir_ino - 1], self._dir_end[dir_ino - 1]
+        lo, hi = self._kids_at[dir_ino - 1], self._kids_at[dir_ino]
         for i in range(lo + max(start, 0), hi):
-            yield i - lo, self._names[i], self._kids[i]
+            yield i - lo, self._name(self._kid_ref[i]).decode(), self._kid_ino[i]
 
     def parent(self, dir_ino: int) -> int:
         """The parent directory's inode; 0 for ROOT (its parent is outside the layer)."""
         self._check(dir_ino)
         return self._parent[dir_ino - 1]
 
+    def is_dir(self, ino: int) -> bool:
+        row = self._check(ino)
+        return row == _IMPLICIT_ROOT or (
+            not row & _WHITEOUT and self.toc.columns.kind[row] & TYPE_MASK == _DIR
+        )
+
     def entry(self, ino: int) -> Entry:
-        return self._check(ino)
+        """The TOC entry behind an inode (for files: the chunks to read), made now."""
+        row = self._check(ino)
+        if row == _IMPLICIT_ROOT:
+            return Entry(name="", type="dir", mode=0o755)
+        if row & _WHITEOUT:
+            e = self.toc.entry(row & _ROW)
+            dirname, _, base = e.name.rpartition("/")
+            shown = base[_WH_LEN:] if not dirname else f"{dirname}/{base[_WH_LEN:]}"
+            return Entry(name=shown, type="char", uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns)
+        return self.toc.entry(row)
 
     def node(self, ino: int) -> Node:
-        e = self._check(ino)
-        if e.type == "symlink":
-            size = len(os.fsencode(e.link_name))
-        elif e.type == "reg":
-            size = e.size
+        row = self._check(ino)
+        if row & _WHITEOUT or row in self._odd:  # rare: whiteouts, out-of-range values
+            return self._node_of(ino, self.entry(ino))
+        c = self.toc.columns
+        code = c.kind[row] & TYPE_MASK
+        target = ""
+        if code == _REG:
+            size = c.size[row]
+        elif code == _SYMLINK:
+            target = self.toc.link_name(row)
+            size = len(target.encode(errors="surrogateescape"))
         else:
             size = 0
+        rdev = os.makedev(*self.toc.device(row)) if code in (_CHAR, _BLOCK) else 0
+        return Node(
+            ino=ino,
+            name=c.names[c.name_at[row] : c.name_at[row + 1]].decode(),
+            type=ENTRY_TYPES[code],
+            mode=_IFMT[code] | (c.mode[row] & 0o7777),
+            nlink=self._nlink[ino - 1],
+            uid=c.uid[row],
+            gid=c.gid[row],
+            size=size,
+            mtime_ns=c.mtime_ns[row],
+            rdev=rdev,
+            target=target,
+        )
+
+    def _node_of(self, ino: int, e: Entry) -> Node:
+        code = ENTRY_TYPES.index(e.type)
+        size = e.size if code == _REG else 0
+        if code == _SYMLINK:
+            size = len(os.fsencode(e.link_name))
         return Node(
             ino=ino,
             name=e.name.rpartition("/")[2],
-            mode=_IFMT[e.type] | (e.mode & 0o7777),
+            type=e.type,
+            mode=_IFMT[code] | (e.mode & 0o7777),
             nlink=self._nlink[ino - 1],
             uid=e.uid,
             gid=e.gid,
             size=size,
             mtime_ns=e.mtime_ns,
-            rdev=os.makedev(e.dev_major, e.dev_minor) if e.type in ("char", "block") else 0,
-            target=e.link_name if e.type == "symlink" else "",
-            entry=e,
+            rdev=os.makedev(e.dev_major, e.dev_minor) if code in (_CHAR, _BLOCK) else 0,
+            target=e.link_name if code == _SYMLINK else "",
         )
 
     def xattrs(self, ino: int) -> dict[str, bytes]:
         """Extended attributes: the TOC's, plus overlayfs's opaque marker where due."""
-        e = self._check(ino)
-        found = dict(e.xattrs)
+        row = self._check(ino)
+        found = dict(self.toc.xattrs(row)) if not row & _WHITEOUT and row != _IMPLICIT_ROOT else {}
         if ino in self._opaque:
             found[OVERLAY_OPAQUE_XATTR] = OVERLAY_OPAQUE_YES
         return found
+
+
+def _return_freed_memory() -> None:
+    """Hand the pages the parse and the build freed back to the OS (about 1 ms).
+
+    Without this a daemon keeps them: freeing the TOC text (tens of MB, mmap'd) makes
+    glibc raise its trim threshold to twice that, so freed heap pages stay resident
+    and a 100k-entry layer costs ~50 bytes of RSS per entry more than it holds.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+class _Build:
+    """`LayerTree.from_toc`, one pass over the TOC's columns and a sort per directory.
+
+    Transient state is arrays too (row -> inode), so building a 100k-entry tree peaks at
+    a few MB besides the result; hardlinks and whiteouts (rare) are lists.
+    """
+
+    def __init__(self, tree: LayerTree) -> None:
+        self.tree = tree
+        self.toc = tree.toc
+        self.ino_of = array("I", [_NOT_A_NODE]) * len(self.toc)  # row -> inode or _HIDDEN
+        self.kid_dir = array("I")  # children so far, unsorted: (dir inode, name ref, inode)
+        self.kid_ref = array("I")
+        self.kid_ino = array("I")
+        self.hardlinks: list[tuple[int, int]] = []  # (dir inode, row)
+        self.whiteouts: list[tuple[int, int]] = []
+        self.opaque: set[int] = set()
+
+    def run(self) -> LayerTree:
+        tree, c = self.tree, self.toc.columns
+        names, at, parents, kinds, sizes = c.names, c.name_at, c.parent, c.kind, c.size
+        ino_of, row_of, parent_of = self.ino_of, tree._row, tree._parent
+        for row in range(len(self.toc)):
+            p = parents[row]
+            code = kinds[row] & TYPE_MASK
+            if p == 0:
+                if at[row] == at[row + 1]:  # the "" entry: the layer's root
+                    if code != _DIR:
+                        raise InvalidTree(f"layer root '' is a {self.toc.type(row)}, not a dir")
+                    row_of[0] = row
+                    ino_of[row] = ROOT
+                    continue
+                pino = ROOT
+            else:
+                pino = ino_of[p - 1] if p != NO_PARENT else _NOT_A_NODE
+                if pino == _HIDDEN:
+                    ino_of[row] = _HIDDEN
+                    continue
+                if pino == _NOT_A_NODE or kinds[p - 1] & TYPE_MASK != _DIR:
+                    name = self.toc.name(row)
+                    raise InvalidTree(
+                        f"entry {name!r}: parent {name.rpartition('/')[0]!r} is not a directory"
+                    )
+            if names.startswith(_WH, at[row], at[row + 1]):
+                kind, _ = classify_name(self.toc.base_name(row).decode())
+                if kind is WhiteoutKind.OPAQUE:
+                    self.opaque.add(pino)
+                    continue
+                if kind is WhiteoutKind.META:
+                    ino_of[row] = _HIDDEN
+                    continue
+                if kind is WhiteoutKind.WHITEOUT:
+                    self.whiteouts.append((pino, row))
+                    continue
+            if code == _HARDLINK:
+                self.hardlinks.append((pino, row))
+                continue
+            if code == OTHER_TYPE:
+                raise InvalidTree(
+                    f"entry {self.toc.name(row)!r}: unknown type {self.toc.type(row)!r}"
+                )
+            row_of.append(row)
+            ino = ino_of[row] = len(row_of)
+            parent_of.append(pino if code == _DIR else 0)
+            self.kid_dir.append(pino)
+            self.kid_ref.append(row)
+            self.kid_ino.append(ino)
+            if code == _REG:
+                tree.total_size += sizes[row]
+        tree._nlink = array("I", [1]) * len(row_of)
+        tree._nlink[0] = 2
+        self._index()
+        if self.hardlinks or self.whiteouts:
+            self._links_and_whiteouts()
+            self._index()
+        nlink = tree._nlink
+        for k in range(1, len(row_of)):
+            p = parent_of[k]
+            if p:  # a directory: only those record their parent
+                nlink[k] += 1  # its "."
+                nlink[p - 1] += 1  # its ".."
+        tree._opaque = frozenset(self.opaque)
+        return tree
+
+    def _index(self) -> None:
+        """Lay the children out by directory, each directory's sorted by name."""
+        tree, kid_dir = self.tree, self.kid_dir
+        n = len(tree._row)
+        counts = array("I", [0]) * (n + 1)
+        for d in kid_dir:
+            counts[d] += 1
+        at = array("I", [0]) * (n + 1)
+        total = 0
+        for ino in range(1, n + 1):
+            at[ino - 1] = total
+            total += counts[ino]
+        at[n] = total
+        fill = array("I", at)
+        refs, inos = array("I", [0]) * total, array("I", [0]) * total
+        for d, ref, ino in zip(kid_dir, self.kid_ref, self.kid_ino, strict=True):
+            k = fill[d - 1]
+            refs[k], inos[k] = ref, ino
+            fill[d - 1] = k + 1
+        tree._kids_at, tree._kid_ref, tree._kid_ino = at, refs, inos
+        names, name_at = self.toc.columns.names, self.toc.columns.name_at
+        for ino in range(1, n + 1):
+            lo, hi = at[ino - 1], at[ino]
+            if hi - lo < 2:
+                continue
+            keys = [
+                names[name_at[r] : name_at[r + 1]] if r < _WHITEOUT else tree._name(r)
+                for r in refs[lo:hi]
+            ]
+            order = sorted(range(hi - lo), key=keys.__getitem__)
+            refs[lo:hi] = array("I", [refs[lo + k] for k in order])
+            inos[lo:hi] = array("I", [inos[lo + k] for k in order])
+            for a, b in itertools.pairwise(order):
+                if keys[a] == keys[b]:
+                    raise InvalidTree(f"entry {self.toc.name(refs[lo + b] & _ROW)!r} appears twice")
+
+    def _add(self, dir_ino: int, ref: int, ino: int) -> None:
+        self.kid_dir.append(dir_ino)
+        self.kid_ref.append(ref)
+        self.kid_ino.append(ino)
+
+    def _links_and_whiteouts(self) -> None:
+        tree, toc = self.tree, self.toc
+        linked: dict[tuple[int, bytes], int] = {}  # hardlink names resolved so far
+
+        def find(dir_ino: int, name: bytes) -> int | None:
+            return tree.lookup(dir_ino, name) or linked.get((dir_ino, name))
+
+        pending = self.hardlinks
+        while pending:  # a hardlink may name another hardlink (tar allows it)
+            later = []
+            for pino, row in pending:
+                target: int | None = ROOT
+                for part in toc.link_name(row).encode().split(b"/"):
+                    target = find(target, part) if target and part else target
+                if not target:  # unknown, hidden, or a hardlink not resolved yet
+                    later.append((pino, row))
+                    continue
+                if tree.is_dir(target):
+                    raise InvalidTree(
+                        f"hardlink {toc.name(row)!r}: target {toc.link_name(row)!r} is a dir"
+                    )
+                base = toc.base_name(row)
+                if find(pino, base):
+                    raise InvalidTree(f"entry {toc.name(row)!r} appears twice")
+                linked[pino, base] = target
+                tree._nlink[target - 1] += 1
+                self._add(pino, row, target)
+            if len(later) == len(pending):
+                row = later[0][1]
+                raise InvalidTree(
+                    f"hardlink {toc.name(row)!r}: target {toc.link_name(row)!r} does not exist"
+                )
+            pending = later
+        for pino, row in self.whiteouts:
+            shown = toc.base_name(row)[_WH_LEN:]
+            if find(pino, shown):
+                continue
+            linked[pino, shown] = 0  # a second `.wh.` of one name adds nothing
+            tree._row.append(row | _WHITEOUT)
+            tree._parent.append(0)
+            tree._nlink.append(1)
+            self._add(pino, row | _WHITEOUT, len(tree._row))
