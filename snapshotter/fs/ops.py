@@ -11,6 +11,7 @@ import functools
 import itertools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -18,7 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from snapshotter import errors
+from snapshotter import errors, metrics
 from snapshotter.format.toc import Entry
 from snapshotter.fs.repository import AttachedLayer, Repository
 from snapshotter.fs.tree import ROOT, Node
@@ -67,10 +68,12 @@ def errno_for(exc: BaseException, *, read: bool = False) -> int:
 
 
 def _handler(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
-    """Let only FUSEError out: anything else would end pyfuse3.main for everyone."""
+    """Let only FUSEError out: anything else would end pyfuse3.main for everyone; time it."""
+    observe = metrics.fuse_observer(fn.__name__)
 
     @functools.wraps(fn)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        started = time.perf_counter()
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -81,6 +84,8 @@ def _handler(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
         except Exception:
             log.exception("%s failed unexpectedly", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            observe(time.perf_counter() - started)
 
     return wrapper
 
