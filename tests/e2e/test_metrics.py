@@ -72,7 +72,8 @@ def test_metrics_endpoint_follows_pulls_reads_and_fallbacks(
         assert grew("lazysnap_fetch_duration_seconds_count", purpose="demand") >= 1
         assert value(after, "lazysnap_cache_bytes") >= 5 << 20
         assert value(after, "lazysnap_cache_misses_total") >= 1
-        assert total(after, "lazysnap_fallbacks_total") - total(before, "lazysnap_fallbacks_total") >= 1
+        fallbacks = "lazysnap_fallbacks_total"
+        assert total(after, fallbacks) - total(before, fallbacks) >= 1
         assert value(after, "process_resident_memory_bytes") > 0
 
     assert stack.lazysnap is not None
