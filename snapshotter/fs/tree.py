@@ -13,7 +13,7 @@ import stat
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from snapshotter.errors import InvalidArgument
 from snapshotter.format.toc import ENTRY_TYPES, NO_PARENT, OTHER_TYPE, TYPE_MASK, Entry, Toc
@@ -49,9 +49,9 @@ class InvalidTree(InvalidArgument):
     """The TOC cannot be presented as a tree (missing parent, dangling hardlink, ...)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
-    """What stat(2), readlink(2) and getxattr(2) report for one inode, made on demand."""
+class Node(NamedTuple):
+    """What stat(2), readlink(2) and getxattr(2) report for one inode, made on demand
+    (a NamedTuple: every getattr and lookup makes one, and a tuple is the cheapest)."""
 
     ino: int  # local inode
     name: str  # base name (of the first path naming it, for hardlinked files)
@@ -96,9 +96,11 @@ class LayerTree:
     """
 
     __slots__ = (
+        "_cols",
         "_kid_ino",
         "_kid_ref",
         "_kids_at",
+        "_name",
         "_nlink",
         "_odd",
         "_opaque",
@@ -110,6 +112,8 @@ class LayerTree:
 
     def __init__(self, toc: Toc) -> None:
         self.toc = toc
+        self._cols = toc.columns
+        self._name = _name_of(toc.columns.names, toc.columns.name_at)  # name ref -> bytes
         self._row = array("I", [_IMPLICIT_ROOT])  # [ino - 1]: TOC row, | _WHITEOUT
         self._parent = array("I", [0])  # [ino - 1]; directories only (0 otherwise, ROOT's is 0)
         self._nlink = array("I", [2])  # [ino - 1]
@@ -135,18 +139,15 @@ class LayerTree:
             raise KeyError(ino)
         return self._row[ino - 1]
 
-    def _name(self, ref: int) -> bytes:
-        row = ref & _ROW
-        at = self.toc.columns.name_at
-        return self.toc.columns.names[at[row] + (_WH_LEN if ref & _WHITEOUT else 0) : at[row + 1]]
-
     def lookup(self, dir_ino: int, name: str | bytes) -> int | None:
         """The inode named `name` in directory `dir_ino`, or None."""
-        self._check(dir_ino)
-        key = name.encode() if isinstance(name, str) else name
+        if not 1 <= dir_ino <= len(self._row):
+            raise KeyError(dir_ino)
+        key = os.fsencode(name)
         lo, hi = self._kids_at[dir_ino - 1], self._kids_at[dir_ino]
-        i = bisect_left(self._kid_ref, key, lo, hi, key=self._name)
-        if i < hi and self._name(self._kid_ref[i]) == key:
+        refs = self._kid_ref
+        i = bisect_left(refs, key, lo, hi, key=self._name)
+        if i < hi and self._name(refs[i]) == key:
             return self._kid_ino[i]
         return None
 
@@ -188,7 +189,7 @@ class LayerTree:
         row = self._check(ino)
         if row & _WHITEOUT or row in self._odd:  # rare: whiteouts, out-of-range values
             return self._node_of(ino, self.entry(ino))
-        c = self.toc.columns
+        c = self._cols
         code = c.kind[row] & TYPE_MASK
         target = ""
         if code == _REG:
@@ -239,6 +240,16 @@ class LayerTree:
         if ino in self._opaque:
             found[OVERLAY_OPAQUE_XATTR] = OVERLAY_OPAQUE_YES
         return found
+
+
+def _name_of(names: bytes, name_at: array[int]) -> Callable[[int], bytes]:
+    """The key function for child name references (a closure: lookups call it ~10 times)."""
+
+    def name(ref: int) -> bytes:
+        row = ref & _ROW
+        return names[name_at[row] + (_WH_LEN if ref & _WHITEOUT else 0) : name_at[row + 1]]
+
+    return name
 
 
 def _return_freed_memory() -> None:

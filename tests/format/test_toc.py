@@ -389,6 +389,6 @@ def test_memory_per_entry_for_100k_entries() -> None:
     assert len(toc.entries) == n + 1 + 4 + 100  # root, usr/lib/python3.11/site-packages, pkgs
     per_entry, peak_per_entry = retained / n, (peak - len(doc)) / n
     print(f"\n100k-entry TOC: {per_entry:.0f} B/entry retained, {peak_per_entry:.0f} B/entry peak")
-    # Today's model: Entry + name + Chunk + 1-tuple + digest str + ints ~ 570 B per file.
-    assert per_entry < 650
+    # Columns: base name, a dozen numbers, one chunk row with its 32-byte digest ~ 120 B.
+    assert per_entry < 200
     assert peak_per_entry < 1300  # the decoded text (~1 char per JSON byte) is most of it
