@@ -7,7 +7,7 @@ every blob and child manifest is in place: a failure leaves the tag as it was.
 
 from __future__ import annotations
 
-import logging
+import json
 import shutil
 import tempfile
 import threading
@@ -53,7 +53,6 @@ from snapshotter.registry.manifest import Descriptor, Index, Manifest, Platform
 
 __all__ = ["ConvertOptions", "ConvertSummary", "convert_image"]
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ATTESTATION = ("vnd.docker.reference.type", "attestation-manifest")
@@ -340,8 +339,6 @@ def _manifests(node: _Node):  # type: ignore[no-untyped-def]
 
 
 def _raw_layers(doc: Manifest) -> list[dict]:
-    import json
-
     return list(json.loads(doc.raw)["layers"])
 
 
