@@ -50,7 +50,7 @@ def test_metrics_endpoint_follows_pulls_reads_and_fallbacks(
     url = f"http://127.0.0.1:{port}/metrics"
     with start_stack(tmp_path, lazysnap_args=["--metrics-address", f"127.0.0.1:{port}"]) as stack:
         before = scrape(url)
-        assert value(before, "lazysnap_build_info", version="0.1.0") == 1
+        assert total(before, "lazysnap_build_info") == 1
         assert value(before, "lazysnap_cache_bytes") == 0
 
         ref = esgz_data[0].ref(registry.host)
