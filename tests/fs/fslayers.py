@@ -24,6 +24,7 @@ class FakeChunkReader:
         self.chunks = chunks
         self.mode = "ok"
         self.calls: list[str] = []  # digests asked for, in order
+        self.hung: list[float] = []  # seconds each "hang" call waited until cancelled or released
         self._changed = trio.Event()
 
     def set_mode(self, mode: str) -> None:
@@ -33,8 +34,13 @@ class FakeChunkReader:
 
     async def read_chunk(self, chunk: Chunk) -> bytes:
         self.calls.append(chunk.digest)
-        while self.mode == "hang":
-            await self._changed.wait()
+        if self.mode == "hang":
+            start = trio.current_time()
+            try:
+                while self.mode == "hang":
+                    await self._changed.wait()
+            finally:
+                self.hung.append(trio.current_time() - start)
         if self.mode == "fail":
             raise DataLoss(f"chunk {chunk.digest}: digest mismatch")
         if self.mode == "unavailable":

@@ -61,7 +61,6 @@ def fuse_mounts() -> list[str]:
 
 @pytest.fixture
 async def mnt() -> AsyncIterator[Mounted]:
-    before = fuse_mounts()
     repo = Repository()
     lower, upper = lower_layer(), upper_layer()
     # not under tmp_path: other users must be able to reach the mount (pytest's is 0700)
@@ -79,7 +78,8 @@ async def mnt() -> AsyncIterator[Mounted]:
             m.upper.set_mode("ok")
             nursery.cancel_scope.cancel()
     assert mounted(m.path) == []
-    assert fuse_mounts() == before
+    # Only ours: other test runs on this machine mount and unmount their own meanwhile.
+    assert [line for line in fuse_mounts() if str(base) in line] == []
     shutil.rmtree(base)
 
 
@@ -232,7 +232,13 @@ async def test_hanging_reader_gives_eio_within_the_timeout(mnt: Mounted) -> None
         await in_thread((mnt.path / "2/motd").read_bytes)
     elapsed = time.monotonic() - start
     assert info.value.errno == errno.EIO
-    assert READ_TIMEOUT * 0.9 <= elapsed < READ_TIMEOUT + 3
+    # The kernel asks again after a failed readahead, so read(2) may span two requests.
+    # Each one is cut off at the timeout (timed inside the loop, so a loaded machine's
+    # slow thread hand-offs do not count against it); read(2) waits for no more than those.
+    hung = mnt.upper.hung
+    assert 1 <= len(hung) <= 2
+    assert all(READ_TIMEOUT * 0.9 <= t < READ_TIMEOUT + 1 for t in hung), hung
+    assert READ_TIMEOUT * 0.9 <= elapsed < len(hung) * READ_TIMEOUT + 3
     mnt.upper.set_mode("ok")
     assert await in_thread((mnt.path / "2/motd").read_bytes) == b"hello\n"
 
