@@ -62,19 +62,23 @@ def plan_prefetch(toc: Toc, *, size: int) -> PrefetchPlan:
         end, reason = toc.prefetch_landmark, "landmark"
     else:
         end, reason = max(0, min(size, toc.toc_offset)), "size"
-    seen: dict[str, Chunk] = {}
-    for entry in toc.entries:
-        for chunk in entry.chunks:
-            if chunk.offset < end:
-                seen.setdefault(chunk.digest, chunk)
-    chunks = tuple(sorted(seen.values(), key=lambda c: (c.offset, c.inner_offset)))
-    return PrefetchPlan(end=end, chunks=chunks, reason=reason)
+    return PrefetchPlan(end=end, chunks=_chunks_before(toc, end), reason=reason)
 
 
 def plan_whole_layer(toc: Toc) -> PrefetchPlan:
     """Every chunk of the layer (`lazysnap prefetch --all`)."""
-    plan = plan_prefetch(Toc(entries=toc.entries, toc_offset=toc.toc_offset), size=toc.toc_offset)
-    return PrefetchPlan(end=plan.end, chunks=plan.chunks, reason="all")
+    return PrefetchPlan(
+        end=toc.toc_offset, chunks=_chunks_before(toc, toc.toc_offset), reason="all"
+    )
+
+
+def _chunks_before(toc: Toc, end: int) -> tuple[Chunk, ...]:
+    """One chunk per digest among those starting before `end`, by blob offset."""
+    seen: dict[str, Chunk] = {}
+    for chunk in toc.chunks():
+        if chunk.offset < end:
+            seen.setdefault(chunk.digest, chunk)
+    return tuple(sorted(seen.values(), key=lambda c: (c.offset, c.inner_offset)))
 
 
 async def prefetch(blob: RemoteBlob, plan: PrefetchPlan, *, parallel: int = 4) -> PrefetchResult:
@@ -117,10 +121,9 @@ async def prefetch(blob: RemoteBlob, plan: PrefetchPlan, *, parallel: int = 4) -
 def missing_chunks(blob: RemoteBlob, toc: Toc) -> list[Chunk]:
     """The layer's chunks not in the cache right now (one per digest, by blob offset)."""
     seen: dict[str, Chunk] = {}
-    for entry in toc.entries:
-        for chunk in entry.chunks:
-            if chunk.digest not in seen and Digest.parse(chunk.digest) not in blob.cache:
-                seen[chunk.digest] = chunk
+    for chunk in toc.chunks():
+        if chunk.digest not in seen and Digest.parse(chunk.digest) not in blob.cache:
+            seen[chunk.digest] = chunk
     return sorted(seen.values(), key=lambda c: (c.offset, c.inner_offset))
 
 
