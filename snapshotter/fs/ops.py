@@ -6,9 +6,9 @@ in `_ERRNO`. Read-only: every modifying request answers EROFS.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
-import itertools
 import logging
 import os
 import time
@@ -99,6 +99,7 @@ class _OpenFile:
     layer: AttachedLayer
     entry: Entry
     path: str  # for log messages
+    opens: int = 1  # 0: opened by a previous daemon (handoff), never released here
 
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
@@ -112,6 +113,10 @@ class RepositoryOperations(pyfuse3.Operations):
     `read_timeout` seconds answers EIO (the fetch behind it may go on for others).
     Lookup counts are not tracked: inodes are derived from immutable trees and never
     reused, so `forget` has nothing to free.
+
+    File and directory handles are the inode numbers, counted per inode: a daemon that
+    took the mount over from its predecessor (`fs.mount`) reads files and directories
+    the predecessor opened without ever having seen their `open`.
     """
 
     def __init__(self, repository: Repository, *, read_timeout: float = 30.0) -> None:
@@ -120,7 +125,7 @@ class RepositoryOperations(pyfuse3.Operations):
         self.read_timeout = read_timeout
         self._files: dict[int, _OpenFile] = {}
         self._dirs: dict[int, tuple[AttachedLayer | None, int]] = {}
-        self._handles = itertools.count(1)
+        self._dir_opens: collections.Counter[int] = collections.Counter()
 
     # -- attributes ------------------------------------------------------------------
 
@@ -137,6 +142,7 @@ class RepositoryOperations(pyfuse3.Operations):
     def _attrs(self, layer: AttachedLayer, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = layer.ino(node.ino)
+        a.generation = layer.generation
         a.attr_timeout = ATTR_TIMEOUT
         a.entry_timeout = _ENTRY_TIMEOUT_ROOT if node.ino == ROOT else ATTR_TIMEOUT
         a.st_mode = node.mode
@@ -214,15 +220,15 @@ class RepositoryOperations(pyfuse3.Operations):
             if not layer.tree.is_dir(local):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             held = (layer, local)
-        fh = next(self._handles)
-        self._dirs[fh] = held
-        return fh
+        self._dirs.setdefault(inode, held)
+        self._dir_opens[inode] += 1
+        return inode
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         held = self._dirs.get(fh)
-        if held is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        if held is None:  # opened before a handoff
+            held = (None, 0) if fh == pyfuse3.ROOT_INODE else self._resolve(fh)
         layer, local = held
         if layer is None:
             # Offsets are slots: never reused, so attach/detach between calls can
@@ -242,7 +248,11 @@ class RepositoryOperations(pyfuse3.Operations):
 
     @_handler
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        if self._dir_opens[fh] > 1:
+            self._dir_opens[fh] -= 1
+        else:
+            self._dir_opens.pop(fh, None)
+            self._dirs.pop(fh, None)
 
     # -- files -----------------------------------------------------------------------
 
@@ -258,16 +268,29 @@ class RepositoryOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if entry.type != "reg":  # devices and fifos never reach us; be safe anyway
             raise pyfuse3.FUSEError(errno.EINVAL)
-        fh = next(self._handles)
-        self._files[fh] = _OpenFile(layer, entry, f"{layer.layer_id}/{entry.name}")
+        f = self._files.get(inode)
+        if f is None:
+            self._files[inode] = _OpenFile(layer, entry, f"{layer.layer_id}/{entry.name}")
+        else:
+            f.opens += 1
         layer.open_files += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    def _adopt(self, fh: int) -> _OpenFile:
+        """A file a previous daemon opened: its handle is its inode."""
+        found = self.repository.resolve(fh)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        layer, local = found
+        entry = layer.tree.entry(local)
+        if entry.type != "reg":
+            raise pyfuse3.FUSEError(errno.EBADF)
+        f = self._files[fh] = _OpenFile(layer, entry, f"{layer.layer_id}/{entry.name}", 0)
+        return f
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        f = self._files.get(fh)
-        if f is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        f = self._files.get(fh) or self._adopt(fh)
         try:
             with trio.fail_after(self.read_timeout):
                 return await self.repository.read(f.layer, f.entry, off, size)
@@ -281,9 +304,14 @@ class RepositoryOperations(pyfuse3.Operations):
 
     @_handler
     async def release(self, fh: int) -> None:
-        f = self._files.pop(fh, None)
-        if f is not None:
+        f = self._files.get(fh)
+        if f is None:
+            return
+        if f.opens > 0:
+            f.opens -= 1
             f.layer.open_files -= 1
+        if f.opens == 0:
+            del self._files[fh]
 
     # -- extended attributes, statfs -------------------------------------------------
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 REPOSITORY_ROOT = 1  # == pyfuse3.ROOT_INODE; the directory listing layer ids
 _SLOT_SHIFT = 32  # global inode = slot << 32 | local inode
 _LOCAL_MASK = (1 << _SLOT_SHIFT) - 1
+_NAMED_SLOTS = 1 << 31  # slots below are decimal layer ids; counted slots start here
 
 
 class ChunkReader(Protocol):
@@ -84,6 +85,7 @@ class AttachedLayer:
     __slots__ = (
         "bytes_read",
         "chunks_read",
+        "generation",
         "layer_id",
         "memo_hits",
         "open_files",
@@ -93,9 +95,12 @@ class AttachedLayer:
         "tree",
     )
 
-    def __init__(self, layer_id: str, slot: int, tree: LayerTree, reader: ChunkReader) -> None:
+    def __init__(
+        self, layer_id: str, slot: int, tree: LayerTree, reader: ChunkReader, generation: int = 0
+    ) -> None:
         self.layer_id = layer_id
         self.slot = slot
+        self.generation = generation
         self.tree = tree
         self.reader = reader
         self.bytes_read = self.chunks_read = self.memo_hits = 0
@@ -130,9 +135,14 @@ class Repository:
     Build the `LayerTree` in that other thread first (`LayerTree.from_toc` takes a
     while for big layers); passing a `Toc` builds it in the trio thread.
 
-    Inodes: the mount root is 1; a layer's inode is `slot << 32 | local inode`. Slots are
-    never reused, so an inode the kernel still remembers after a detach can never name
-    a file of another layer; it just stops resolving.
+    Inodes: the mount root is 1; a layer's inode is `slot << 32 | local inode`. A layer id
+    that is a decimal number below 2**31 is its own slot, so a daemon that takes over a
+    mount from its predecessor (`fs.mount.run_repository` with a holder) answers the
+    kernel's old inode numbers after attaching the same layers under the same ids; other
+    ids get slots from 2**31 up. Within a process slots are not reused. Across processes
+    an id may come back with other contents: `generation` (a 32-bit number the caller
+    derives from the contents, e.g. the layer digest) then differs, and the kernel
+    drops what it cached for the old inodes instead of mixing the two layers.
 
     Reads: `read(layer, entry, off, size)` maps a byte range onto the entry's chunks,
     asks the layer's reader for each chunk it needs (concurrently when there are
@@ -150,7 +160,8 @@ class Repository:
     def __init__(self, *, memo_bytes: int = 32 << 20) -> None:
         self._layers: dict[str, AttachedLayer] = {}
         self._by_slot: dict[int, AttachedLayer] = {}
-        self._slots = itertools.count(1)
+        self._retired: set[int] = set()  # detached named slots: never given out again
+        self._slots = itertools.count(_NAMED_SLOTS)
         self._memo: OrderedDict[str, bytes] = OrderedDict()
         self._memo_size = 0
         self._memo_max = memo_bytes
@@ -158,15 +169,24 @@ class Repository:
 
     # -- attach/detach ---------------------------------------------------------------
 
-    def attach(self, layer_id: str, tree: LayerTree | Toc, reader: ChunkReader) -> None:
+    def attach(
+        self, layer_id: str, tree: LayerTree | Toc, reader: ChunkReader, *, generation: int = 0
+    ) -> None:
         """Show `tree` as `<mount>/<layer_id>/`; raises LayerExists or InvalidArgument."""
         if not layer_id or "/" in layer_id or layer_id in (".", "..") or "\0" in layer_id:
             raise InvalidArgument(f"layer id {layer_id!r} is not a valid file name")
         if layer_id in self._layers:
             raise LayerExists(f"layer {layer_id!r} is attached already")
+        if not 0 <= generation < 1 << 32:  # the kernel keeps 32 bits and compares all 64
+            raise InvalidArgument(f"layer {layer_id!r}: generation {generation} is not 32-bit")
         if isinstance(tree, Toc):
             tree = LayerTree.from_toc(tree)
-        layer = AttachedLayer(layer_id, next(self._slots), tree, reader)
+        slot = int(layer_id) if layer_id.isdecimal() and int(layer_id) < _NAMED_SLOTS else 0
+        if slot in self._by_slot or slot in self._retired:
+            slot = 0  # re-attached in this process: the kernel may cache the old inodes
+        if not slot:
+            slot = next(self._slots)
+        layer = AttachedLayer(layer_id, slot, tree, reader, generation)
         self._layers[layer_id] = layer
         self._by_slot[layer.slot] = layer
         self.changed_ns = time.time_ns()
@@ -178,6 +198,7 @@ class Repository:
         if layer is None:
             raise LayerNotFound(f"layer {layer_id!r} is not attached")
         del self._by_slot[layer.slot]
+        self._retired.add(layer.slot)
         self.changed_ns = time.time_ns()
         log.debug("detached layer %s (slot %d)", layer_id, layer.slot)
 
@@ -195,7 +216,7 @@ class Repository:
 
     def layers(self) -> Sequence[AttachedLayer]:
         """Attached layers in slot order (a stable readdir order for the root)."""
-        return list(self._by_slot.values())
+        return [self._by_slot[slot] for slot in sorted(self._by_slot)]
 
     def layer(self, layer_id: str) -> AttachedLayer | None:
         return self._layers.get(layer_id)
