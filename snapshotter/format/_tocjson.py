@@ -10,13 +10,13 @@ import binascii
 import calendar
 import datetime
 import itertools
-import json
 import re
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 from snapshotter.errors import InvalidArgument
+from snapshotter.format._jsonstream import JsonStream
 from snapshotter.format.toc import ENTRY_TYPES, Toc, TocBuilder
 
 __all__ = ["NO_PREFETCH_LANDMARK", "PREFETCH_LANDMARK", "InvalidTOC", "parse_toc"]
@@ -59,71 +59,52 @@ def parse_toc(
     """
     if not 0 <= toc_offset < blob_size:
         raise InvalidTOC(f"eStargz toc: offset {toc_offset} outside blob of {blob_size} bytes")
-    try:
-        text = toc_json.decode()
-    except UnicodeDecodeError as exc:
-        raise InvalidTOC(f"eStargz toc: not UTF-8 JSON: {exc}") from None
-    return _TocParser(blob_size, toc_offset).parse(_entries(text, max_entries))
+    return _TocParser(blob_size, toc_offset).parse(_entries(toc_json, max_entries))
 
 
-_WS = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
-
-
-def _entries(text: str, max_entries: int) -> Iterator[Any]:
+def _entries(toc_json: bytes, max_entries: int) -> Iterator[Any]:
     """The items of the top-level "entries" array, decoded one at a time.
 
     `json.loads` of a 100k-entry TOC holds ~1.2 KB of dicts per entry at once, which
-    would set the daemon's peak RSS; here only one entry's dict is alive at a time.
+    would set the daemon's peak RSS; here only one entry's dict is alive at a time, and
+    only a window of the text is decoded (`_jsonstream.py`).
     """
-    dec = _DECODER.raw_decode
+    s = JsonStream(toc_json)
     seen_entries = False
-
-    def expect(i: int, chars: str) -> tuple[str, int]:
-        """The char at `i` (after blanks), one of `chars`, and the next non-blank index."""
-        i = _WS.match(text, i).end()
-        c = text[i : i + 1]
-        if not c or c not in chars:
-            raise InvalidTOC(f"eStargz toc: not JSON: expected one of {chars!r} at char {i}")
-        return c, _WS.match(text, i + 1).end()
-
     try:
-        _, i = expect(0, "{")
-        c = "}" if text[i : i + 1] == "}" else ","
-        if c == "}":
-            i += 1
+        s.expect("{")
+        c = s.expect("}") if s.peek() == "}" else ","
         while c == ",":
-            key, i = dec(text, i)
+            key = s.value()
             if not isinstance(key, str):
-                raise InvalidTOC(f"eStargz toc: not JSON: bad key at char {i}")
-            _, i = expect(i, ":")
+                raise InvalidTOC(f"eStargz toc: not JSON: bad key at char {s.offset}")
+            s.expect(":")
             if key != "entries":
-                value, i = dec(text, i)
+                value = s.value()
                 if key == "version" and value != 1:
                     raise InvalidTOC(f"eStargz toc: unsupported version {value!r}")
             elif seen_entries:
                 raise InvalidTOC("eStargz toc: two 'entries' lists")
             else:
                 seen_entries = True
-                _, i = expect(i, "[")
-                item = "]" if text[i : i + 1] == "]" else ","
-                if item == "]":
-                    i += 1
+                s.expect("[")
+                item = s.expect("]") if s.peek() == "]" else ","
                 n = 0
                 while item == ",":
                     n += 1
                     if n > max_entries:
                         raise InvalidTOC(f"eStargz toc: over the limit {max_entries} entries")
-                    entry, i = dec(text, i)
-                    yield entry
-                    item, i = expect(i, ",]")
-            c, i = expect(i, ",}")
+                    yield s.value()
+                    item = s.expect(",]")
+            c = s.expect(",}")
+        if s.peek():
+            raise InvalidTOC(f"eStargz toc: trailing data at char {s.offset}")
+    except UnicodeDecodeError as exc:
+        raise InvalidTOC(f"eStargz toc: not UTF-8 JSON: {exc}") from None
     except (ValueError, RecursionError) as exc:
         raise InvalidTOC(f"eStargz toc: not JSON: {exc}") from None
     if not seen_entries:
         raise InvalidTOC("eStargz toc: not an object with an 'entries' list")
-    if _WS.match(text, i).end() != len(text):
-        raise InvalidTOC(f"eStargz toc: trailing data at char {i}")
 
 
 def _fail(i: int, name: object, why: str) -> InvalidTOC:

@@ -110,20 +110,24 @@ def _inflate(data: bytes, skip: int, want: int, what: str, *, upto: bool = False
     Inflation stops once `want` bytes are out and skipped bytes are dropped as they come,
     so memory stays bounded by `want` plus 1 MiB: the bound that makes gzip bombs harmless.
     """
-    out = bytearray()
+    # BytesIO grows in place and getvalue() hands its buffer over: a bytearray would
+    # need a copy into bytes at the end, twice the memory for a TOC of tens of MB.
+    out = io.BytesIO()
+    n = 0
     rest = data
-    while len(out) < want:
+    while n < want:
         if rest[:2] != b"\x1f\x8b":
             if not rest and upto:
                 break
             if not rest:
-                raise DataLoss(f"{what}: gzip data ends {want - len(out)} bytes early")
+                raise DataLoss(f"{what}: gzip data ends {want - n} bytes early")
             raise DataLoss(f"{what}: no gzip member at compressed byte {len(data) - len(rest)}")
         d = zlib.decompressobj(wbits=31)
         pending = rest
         try:
-            while len(out) < want and not d.eof:
-                piece = d.decompress(pending, min(skip, 1 << 20) + want - len(out))
+            while n < want and not d.eof:
+                # At most 1 MiB per call: a piece as large as the TOC would double it.
+                piece = d.decompress(pending, min(skip, 1 << 20) + min(want - n, 1 << 20))
                 pending = d.unconsumed_tail
                 if not piece and not pending and not d.eof:
                     raise DataLoss(f"{what}: truncated gzip member")
@@ -131,11 +135,11 @@ def _inflate(data: bytes, skip: int, want: int, what: str, *, upto: bool = False
                     dropped = min(skip, len(piece))
                     skip -= dropped
                     piece = piece[dropped:]
-                out += piece[: want - len(out)]
+                n += out.write(piece[: want - n])
         except zlib.error as exc:
             raise DataLoss(f"{what}: corrupt gzip data: {exc}") from None
         rest = d.unused_data
-    return bytes(out)
+    return out.getvalue()
 
 
 def read_toc_json(member: bytes, *, max_size: int) -> bytes:
@@ -145,9 +149,10 @@ def read_toc_json(member: bytes, *, max_size: int) -> bytes:
     no more memory than an honest TOC of the allowed size.
     """
     what = "eStargz toc member"
-    raw = _inflate(member, 0, max_size + _TOC_SLACK, what, upto=True)
+    # The headers first, then exactly the JSON: one copy of it in memory, never more.
+    head = _inflate(member, 0, _TOC_SLACK, what, upto=True)
     try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
+        with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tf:
             info = tf.next()
             if info is None:
                 raise InvalidTOC(f"{what}: no tar entry")
@@ -159,10 +164,14 @@ def read_toc_json(member: bytes, *, max_size: int) -> bytes:
                 )
             start = info.offset_data
     except tarfile.TarError as exc:
-        if len(raw) >= max_size + _TOC_SLACK:
+        if len(head) >= _TOC_SLACK:
             raise InvalidTOC(f"{what}: tar headers larger than {_TOC_SLACK} bytes") from None
         raise InvalidTOC(f"{what}: not a tar stream: {exc}") from None
-    data = raw[start : start + info.size]
+    if start + info.size <= len(head):
+        data = head[start : start + info.size]
+    else:
+        del head
+        data = _inflate(member, start, info.size, what, upto=True)
     if len(data) != info.size:
         raise DataLoss(f"{what}: {TOC_NAME} truncated at {len(data)} of {info.size} bytes")
     return data

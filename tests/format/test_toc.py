@@ -340,6 +340,34 @@ def test_fuzzed_tocs_give_a_toc_or_invalid_toc() -> None:
     assert outcomes["ok"] > 100 and outcomes["invalid"] > 1000
 
 
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 64])
+def test_windowed_decoding_sees_the_same_document(
+    window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values, multi-byte UTF-8 and numbers cut by the decoding window read as if whole."""
+    entries = [
+        {"name": "d\u00e9j\u00e0/", "type": "dir", "mode": 0o40755, "uid": 123456},
+        _reg("d\u00e9j\u00e0/\u65e5\u672c\u8a9e.txt", size=987654, offset=12345),
+        {"name": "l", "type": "symlink", "linkName": "\U0001f600" * 40},
+        {"name": "x", "type": "fifo", "xattrs": {"user.big": "QUJD" * 500}},
+    ]
+    top = {"version": 1, "entries": entries, "extra": [1, 2.5, None, True]}
+    doc = json.dumps(top, ensure_ascii=False)
+    for text in (doc, doc.replace(", ", " ,\n\t "), json.dumps(top, indent=3), json.dumps(top)):
+        data = text.encode()
+        whole = parse_toc(data, blob_size=BLOB, toc_offset=TOC_AT)
+        monkeypatch.setattr("snapshotter.format._jsonstream.WINDOW", window)
+        cut = parse_toc(data, blob_size=BLOB, toc_offset=TOC_AT)
+        monkeypatch.undo()
+        assert list(cut.entries) == list(whole.entries)
+        assert [e.name for e in cut.entries][-2:] == ["l", "x"]
+    monkeypatch.setattr("snapshotter.format._jsonstream.WINDOW", window)
+    with pytest.raises(InvalidTOC, match="version 10"):  # not 1 followed by more text
+        parse_toc(b'{"version": 10, "entries": []}', blob_size=BLOB, toc_offset=TOC_AT)
+    with pytest.raises(InvalidTOC, match="UTF-8"):
+        parse_toc(doc.encode()[:-3] + b"\xff ]}", blob_size=BLOB, toc_offset=TOC_AT)
+
+
 def test_truncated_json_is_invalid() -> None:
     doc = json.dumps({"version": 1, "entries": [_reg("a"), {"name": "b", "type": "dir"}]})
     for cut in range(len(doc)):
