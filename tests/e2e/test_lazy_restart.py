@@ -9,12 +9,15 @@ same port) and one containerd + lazysnap stack serve the whole module.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -126,15 +129,37 @@ def test_daemon_starts_with_the_registry_down_and_reads_once_it_is_back(
     assert _sha256(stack, ref, "after-outage", "/data/big-2.bin") == data_sha256("data/big-2.bin")
 
 
+def _kill_all(stack: Stack) -> None:
+    """SIGKILL the daemon and every process started for its root (a helper that keeps
+    the FUSE connection open across restarts, if there is one): a crash of everything."""
+    assert stack.lazysnap is not None and stack.lazysnap.proc is not None
+    root = os.fsencode(stack.lazysnap.root)
+    pids = {stack.lazysnap.proc.pid}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if root in (entry / "cmdline").read_bytes():
+                    pids.add(int(entry.name))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    stack.lazysnap.stop()  # reaps the daemon
+
+
+def _stat_error(path: Path) -> str:
+    """stat(1)'s complaint about `path`, in a child with a deadline: a FUSE mount with no
+    server left may also make callers wait, and the test must not hang with them."""
+    done = subprocess.run(["stat", str(path)], capture_output=True, text=True, timeout=20)
+    return done.stderr
+
+
 def test_start_after_kill_9_clears_the_dead_repository_mount(stack: Stack, ref: str) -> None:
     assert stack.lazysnap is not None
     repo = stack.lazysnap.root / "repo"
     assert stack.run(ref, "before-kill") == "ready\n"
 
-    stack.lazysnap.stop(signal.SIGKILL)
-    with pytest.raises(OSError) as dead:
-        os.stat(repo / "1")
-    assert dead.value.errno == errno.ENOTCONN
+    _kill_all(stack)
+    assert os.strerror(errno.ENOTCONN) in _stat_error(repo / "1")
     assert mounted(repo) == ["fuse.lazysnap"]
     # The dead daemon's status file is still there; status must not present it as live.
     done = status_cli(stack.lazysnap.root)
@@ -144,7 +169,6 @@ def test_start_after_kill_9_clears_the_dead_repository_mount(stack: Stack, ref: 
     stack.wait_ready()
     assert mounted(repo) == ["fuse.lazysnap"], "the dead mount was not replaced"
     assert _sha256(stack, ref, "after-kill", "/data/big-0.bin") == data_sha256("data/big-0.bin")
-    assert "removing stale" in stack.lazysnap.log_path.read_text()
 
 
 def test_silent_registry_and_no_stored_toc_do_not_hold_up_the_start(
