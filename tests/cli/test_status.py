@@ -142,7 +142,7 @@ def test_unreadable_status_says_permission_denied(
 def test_daemon_survives_a_status_file_it_cannot_write(tmp_path: Path) -> None:
     """A full disk (here: a directory where the temp file goes) costs the status file,
     never the daemon; status works again once the file can be written."""
-    from tests.e2e.harness import Lazysnap, remove_tree, wait_for
+    from tests.e2e.harness import Lazysnap, remove_tree, unmount_under, wait_for
 
     sockdir = Path(tempfile.mkdtemp(prefix="lz", dir="/tmp"))
     daemon = Lazysnap(tmp_path / "daemon", str(sockdir / "lazysnap.sock"))
@@ -161,4 +161,6 @@ def test_daemon_survives_a_status_file_it_cannot_write(tmp_path: Path) -> None:
     finally:
         daemon.stop()
         remove_tree(sockdir)
+        leftovers = unmount_under(tmp_path)
     assert "Traceback" not in daemon.log_path.read_text()
+    assert leftovers == []
