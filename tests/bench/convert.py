@@ -10,10 +10,11 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Protocol
 
-from tests.e2e.harness import Registry
+from tests.e2e.harness import REPO_ROOT, Registry
 from tests.e2e.stack import REFERENCE, start_stack
 
 __all__ = ["CONVERTERS", "CommandConverter", "Converter", "CtrRemoteConverter", "make_converter"]
@@ -63,8 +64,8 @@ class CtrRemoteConverter:
 class CommandConverter:
     """Any command line with `{src}` and `{dst}` placeholders (full references, plain HTTP).
 
-    For `lazysnap convert` (issue 4), e.g.
-    `--convert-cmd "python -m snapshotter convert --plain-http {src} {dst}"`.
+    `--converter lazysnap` runs `python -m snapshotter convert --plain-http {src} {dst}`
+    (issue 4) from the repository root.
     """
 
     def __init__(self, name: str, template: str) -> None:
@@ -81,7 +82,7 @@ class CommandConverter:
                          dst=f"{registry.host}/{repo}:{dst_tag}", registry=registry.host)
                 for a in shlex.split(self.template)]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
         if done.returncode != 0:
             raise RuntimeError(f"converter {self.name}: {' '.join(argv)} exited "
                                f"{done.returncode}\n{done.stdout}{done.stderr}")
@@ -96,6 +97,6 @@ def make_converter(name: str, command: str | None = None, level: int = 9) -> Con
     if name == "ctr-remote":
         return CtrRemoteConverter(level)
     if name == "lazysnap":
-        # Default command line until issue 4 documents its own; override with --convert-cmd.
-        return CommandConverter(name, "lazysnap convert --plain-http {src} {dst}")
+        return CommandConverter(
+            name, f"{shlex.quote(sys.executable)} -m snapshotter convert --plain-http {{src}} {{dst}}")
     raise ValueError(f"converter {name!r}: expected one of {CONVERTERS} or a --convert-cmd")

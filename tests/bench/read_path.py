@@ -71,7 +71,7 @@ def run(ctx: Context) -> None:
     native = image.layer_dirs[-1] / "data" / "big.bin"
     size = native.stat().st_size
     cond = _read_condition(ctx)
-    n_random = 2_000 if ctx.smoke else 20_000
+    n_random = 2_000 if ctx.smoke else 5_000
     n_cold_random = 8 if ctx.smoke else 32
     mode = MODES["lazysnap"]
 
