@@ -97,6 +97,7 @@ def make_converter(name: str, command: str | None = None, level: int = 9) -> Con
     if name == "ctr-remote":
         return CtrRemoteConverter(level)
     if name == "lazysnap":
+        python = shlex.quote(sys.executable)
         return CommandConverter(
-            name, f"{shlex.quote(sys.executable)} -m snapshotter convert --plain-http {{src}} {{dst}}")
+            name, f"{python} -m snapshotter convert --plain-http {{src}} {{dst}}")
     raise ValueError(f"converter {name!r}: expected one of {CONVERTERS} or a --convert-cmd")
