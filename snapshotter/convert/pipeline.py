@@ -12,11 +12,10 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
@@ -53,7 +52,6 @@ from snapshotter.registry.manifest import Descriptor, Index, Manifest, Platform
 
 __all__ = ["ConvertOptions", "ConvertSummary", "convert_image"]
 
-T = TypeVar("T")
 
 _ATTESTATION = ("vnd.docker.reference.type", "attestation-manifest")
 _MAX_DEPTH = 3
@@ -211,10 +209,26 @@ class _Job:
 
     async def _convert_all(self, todo: Sequence[_Layer], tmp: Path) -> None:
         limiter = trio.CapacityLimiter(self.opts.jobs)
+        converted = False
+
+        async def stop_when_cancelled() -> None:
+            # A running thread cannot be interrupted, and trio waits for it (so none
+            # outlives the temp dir); but each converting thread checks `self.stop` at
+            # its next read. Set it when cancellation arrives (Ctrl-C), not at the end.
+            try:
+                await trio.sleep_forever()
+            finally:
+                if not converted:
+                    self.stop.set()
+
         try:
-            async with trio.open_nursery() as nursery:
-                for i, layer in enumerate(todo):
-                    nursery.start_soon(self._convert_one, layer, tmp / str(i), limiter)
+            async with trio.open_nursery() as outer:
+                outer.start_soon(stop_when_cancelled)
+                async with trio.open_nursery() as nursery:
+                    for i, layer in enumerate(todo):
+                        nursery.start_soon(self._convert_one, layer, tmp / str(i), limiter)
+                converted = True
+                outer.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
 
@@ -225,7 +239,7 @@ class _Job:
                 self.progress.layer_started(key, layer.desc.size)
                 src = await self.src.fetch_layer(layer.desc, tmp.with_suffix(".src"), layer.what)
                 self.progress.phase(key, "convert")
-                layer.output = await self._in_thread(
+                layer.output = await trio.to_thread.run_sync(
                     partial(
                         convert_layer,
                         src,
@@ -254,29 +268,6 @@ class _Job:
                 ):
                     raise _in_context(exc, layer.what) from exc
                 raise
-
-    async def _in_thread(self, fn: Callable[[], T]) -> T:
-        """`fn()` in a worker thread that stops soon after this task is cancelled.
-
-        A thread cannot be interrupted, but a converting one checks `self.stop` at each
-        read: set it, then wait (shielded) until the thread is out of the temp dir.
-        """
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-
-        def run() -> T:
-            try:
-                return fn()
-            finally:
-                trio.from_thread.run_sync(done.set, trio_token=token)
-
-        try:
-            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
-        except trio.Cancelled:
-            self.stop.set()
-            with trio.CancelScope(shield=True):
-                await done.wait()
-            raise
 
     async def _push(self, data: bytes | Path, digest: Digest) -> bool:
         uploaded = await self.dst.push_blob(data, digest, mount_from=self.src.registry_repo)
@@ -362,4 +353,5 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
     for exc in leaves:
         if not isinstance(exc, ConversionStopped | trio.Cancelled):
             return exc
-    return leaves[0]
+    # Cancelled from outside: re-raise it, so the cancel scope that asked catches it.
+    return next((e for e in leaves if isinstance(e, trio.Cancelled)), leaves[0])
