@@ -24,6 +24,7 @@ from snapshotter.fs.tree import LayerTree
 __all__ = [
     "REPOSITORY_ROOT",
     "AttachedLayer",
+    "BatchChunkReader",
     "ChunkReader",
     "LayerExists",
     "LayerNotFound",
@@ -38,6 +39,9 @@ REPOSITORY_ROOT = 1  # == pyfuse3.ROOT_INODE; the directory listing layer ids
 _SLOT_SHIFT = 32  # global inode = slot << 32 | local inode
 _LOCAL_MASK = (1 << _SLOT_SHIFT) - 1
 _NAMED_SLOTS = 1 << 31  # slots below are decimal layer ids; counted slots start here
+READAHEAD_TASKS = 8  # read-ahead requests in flight at once, all layers together
+_SEQUENTIAL_FILES = 64  # files per layer whose last read end is remembered
+_READAHEAD_TIMEOUT = 120.0  # the reader's own timeout normally ends it first
 
 
 class ChunkReader(Protocol):
@@ -53,6 +57,18 @@ class ChunkReader(Protocol):
     """
 
     async def read_chunk(self, chunk: Chunk) -> bytes: ...
+
+
+class BatchChunkReader(ChunkReader, Protocol):
+    """A ChunkReader that also reads several chunks at once, adjacent ones in one request.
+
+    `await read_chunks(chunks, purpose=...)` returns each chunk's verified bytes, in order;
+    `purpose` is "demand" for reads a reader waits on. The repository uses it when a read
+    spans chunks and for read-ahead; plain ChunkReaders are asked chunk by chunk.
+    """
+
+    async def read_chunks(self, chunks: Sequence[Chunk], *, purpose: str = ...) -> list[bytes]:
+        ...
 
 
 class LayerExists(AlreadyExists):
@@ -77,6 +93,7 @@ class LayerStatistics:
     memo_hits: int  # chunks served from the repository's in-memory memo instead
     read_errors: int  # read requests that failed (error or timeout)
     open_files: int
+    readahead_chunks: int = 0  # chunks asked for ahead of sequential readers
 
 
 class AttachedLayer:
@@ -90,7 +107,9 @@ class AttachedLayer:
         "memo_hits",
         "open_files",
         "read_errors",
+        "readahead_chunks",
         "reader",
+        "sequential",
         "slot",
         "tree",
     )
@@ -104,7 +123,9 @@ class AttachedLayer:
         self.tree = tree
         self.reader = reader
         self.bytes_read = self.chunks_read = self.memo_hits = 0
-        self.read_errors = self.open_files = 0
+        self.read_errors = self.open_files = self.readahead_chunks = 0
+        # Where the last reads of recently read files ended, to spot sequential readers.
+        self.sequential: OrderedDict[str, int] = OrderedDict()
 
     def ino(self, local: int) -> int:
         return self.slot << _SLOT_SHIFT | local
@@ -119,6 +140,7 @@ class AttachedLayer:
             memo_hits=self.memo_hits,
             read_errors=self.read_errors,
             open_files=self.open_files,
+            readahead_chunks=self.readahead_chunks,
         )
 
 
@@ -145,10 +167,18 @@ class Repository:
     drops what it cached for the old inodes instead of mixing the two layers.
 
     Reads: `read(layer, entry, off, size)` maps a byte range onto the entry's chunks,
-    asks the layer's reader for each chunk it needs (concurrently when there are
-    several), and keeps the last few chunks in a memo shared by all layers (keyed by
-    digest, `memo_bytes` in total) because the kernel reads a 4 MiB chunk in 128 KiB
-    requests and each would otherwise re-read and re-verify the whole chunk.
+    asks the layer's reader for the chunks it needs (all in one `read_chunks` call when
+    the reader is a BatchChunkReader, so adjacent chunks cost one request; else
+    concurrently, chunk by chunk), and keeps the last few chunks in a memo shared by all
+    layers (keyed by digest, `memo_bytes` in total) because the kernel reads a 4 MiB
+    chunk in 128 KiB requests and each would otherwise re-read and re-verify it.
+
+    Read-ahead: when a read starts where the previous read of the same file ended, the
+    next `readahead_bytes` of that file's chunks are fetched in a background task (one
+    coalesced request for a BatchChunkReader) into the memo, so a streaming reader finds
+    the next chunk there. The read itself never waits for read-ahead; at most
+    READAHEAD_TASKS run at once, and a failed one is only logged (the read that needs
+    the chunk then asks again and gets the error).
 
         repo = Repository()
         repo.attach("12", LayerTree.from_toc(toc), blob)
@@ -157,7 +187,7 @@ class Repository:
         repo.detach("12")
     """
 
-    def __init__(self, *, memo_bytes: int = 32 << 20) -> None:
+    def __init__(self, *, memo_bytes: int = 32 << 20, readahead_bytes: int = 0) -> None:
         self._layers: dict[str, AttachedLayer] = {}
         self._by_slot: dict[int, AttachedLayer] = {}
         self._retired: set[int] = set()  # detached named slots: never given out again
@@ -165,6 +195,9 @@ class Repository:
         self._memo: OrderedDict[str, bytes] = OrderedDict()
         self._memo_size = 0
         self._memo_max = memo_bytes
+        self.readahead_bytes = readahead_bytes
+        self._ahead: set[str] = set()  # digests a read-ahead task is fetching
+        self._ahead_tasks = 0
         self.changed_ns = time.time_ns()  # the root directory's mtime: last attach/detach
 
     # -- attach/detach ---------------------------------------------------------------
@@ -241,6 +274,8 @@ class Repository:
         last = bisect_right(chunks, end - 1, key=_chunk_offset) - 1
         if first < 0 or chunks[last].chunk_offset + chunks[last].size < end:
             raise ShortChunk(f"file {entry.name!r}: no chunk covers bytes [{off}, {end})")
+        if self.readahead_bytes and self._is_sequential(layer, entry.name, off, end):
+            self._read_ahead(layer, entry, last + 1)
         wanted = chunks[first : last + 1]
         if len(wanted) == 1:
             parts = [await self._chunk(layer, entry, wanted[0])]
@@ -252,25 +287,97 @@ class Repository:
         layer.bytes_read += len(out)
         return out
 
-    async def _chunks(
-        self, layer: AttachedLayer, entry: Entry, wanted: Sequence[Chunk]
-    ) -> list[bytes]:
-        """Several chunks at once; the first error is raised as itself, not as a group."""
-        parts: list[bytes] = [b""] * len(wanted)
+    def _is_sequential(self, layer: AttachedLayer, name: str, off: int, end: int) -> bool:
+        seen = layer.sequential
+        previous = seen.pop(name, None)
+        seen[name] = end
+        if len(seen) > _SEQUENTIAL_FILES:
+            seen.popitem(last=False)
+        return previous is not None and previous == off
+
+    def _read_ahead(self, layer: AttachedLayer, entry: Entry, index: int) -> None:
+        """Start fetching the chunks after `index`'s predecessor, if not yet at hand."""
+        if self._ahead_tasks >= READAHEAD_TASKS:
+            return
+        ahead: list[Chunk] = []
+        total = 0
+        for chunk in entry.chunks[index:]:
+            if total >= self.readahead_bytes:
+                break
+            total += chunk.size
+            if chunk.digest not in self._memo and chunk.digest not in self._ahead:
+                ahead.append(chunk)
+        if not ahead:
+            return
+        self._ahead.update(c.digest for c in ahead)
+        self._ahead_tasks += 1
+        layer.readahead_chunks += len(ahead)
+        trio.lowlevel.spawn_system_task(
+            self._fetch_ahead, layer, entry, ahead, name=f"read-ahead {layer.layer_id}"
+        )
+
+    async def _fetch_ahead(self, layer: AttachedLayer, entry: Entry, ahead: list[Chunk]) -> None:
+        # A system task: it must not raise, and it ends with the run (cancelled then).
+        try:
+            with trio.move_on_after(_READAHEAD_TIMEOUT):
+                parts = await self._fetch(layer, ahead)
+                for chunk, data in zip(ahead, parts, strict=True):
+                    if len(data) == chunk.size:
+                        self._remember(chunk.digest, data)
+        except LazysnapError as exc:
+            log.debug("layer %s: read-ahead in %r failed: %s", layer.layer_id, entry.name, exc)
+        except Exception:
+            log.exception("layer %s: read-ahead in %r failed", layer.layer_id, entry.name)
+        finally:
+            self._ahead.difference_update(c.digest for c in ahead)
+            self._ahead_tasks -= 1
+
+    async def _fetch(self, layer: AttachedLayer, chunks: Sequence[Chunk]) -> list[bytes]:
+        """Chunks from the layer's reader: one batch call if it can, else concurrently."""
+        batch = getattr(layer.reader, "read_chunks", None)
+        if batch is not None:
+            return list(await batch(chunks, purpose="demand"))
+        parts: list[bytes] = [b""] * len(chunks)
         failures: list[LazysnapError] = []
 
         async def fetch(i: int) -> None:
             try:
-                parts[i] = await self._chunk(layer, entry, wanted[i])
+                parts[i] = await layer.reader.read_chunk(chunks[i])
             except LazysnapError as exc:
                 failures.append(exc)
 
         async with trio.open_nursery() as nursery:
-            for i in range(len(wanted)):
+            for i in range(len(chunks)):
                 nursery.start_soon(fetch, i)
         if failures:
             raise failures[0]
         return parts
+
+    async def _chunks(
+        self, layer: AttachedLayer, entry: Entry, wanted: Sequence[Chunk]
+    ) -> list[bytes]:
+        """Several chunks at once; the first error is raised as itself, not as a group."""
+        parts: list[bytes | None] = []
+        missing: list[Chunk] = []
+        for chunk in wanted:
+            data = self._memo.get(chunk.digest)
+            if data is not None:
+                self._memo.move_to_end(chunk.digest)
+                layer.memo_hits += 1
+            else:
+                missing.append(chunk)
+            parts.append(data)
+        if missing:
+            layer.chunks_read += len(missing)
+            got = dict(zip((c.digest for c in missing), await self._fetch(layer, missing),
+                           strict=True))
+            for i, chunk in enumerate(wanted):
+                if parts[i] is None:
+                    data = got[chunk.digest]
+                    self._check_size(entry, chunk, data)
+                    self._remember(chunk.digest, data)
+                    parts[i] = data
+        return [p for p in parts if p is not None]
 
     async def _chunk(self, layer: AttachedLayer, entry: Entry, chunk: Chunk) -> bytes:
         data = self._memo.get(chunk.digest)
@@ -280,13 +387,17 @@ class Repository:
             return data
         layer.chunks_read += 1
         data = await layer.reader.read_chunk(chunk)
+        self._check_size(entry, chunk, data)
+        self._remember(chunk.digest, data)
+        return data
+
+    @staticmethod
+    def _check_size(entry: Entry, chunk: Chunk, data: bytes) -> None:
         if len(data) != chunk.size:
             raise ShortChunk(
                 f"file {entry.name!r}: chunk {chunk.digest} at {chunk.chunk_offset} has "
                 f"{len(data)} bytes, expected {chunk.size}"
             )
-        self._remember(chunk.digest, data)
-        return data
 
     def _remember(self, digest: str, data: bytes) -> None:
         if len(data) > self._memo_max or digest in self._memo:
