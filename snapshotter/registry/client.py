@@ -179,6 +179,27 @@ class RegistryClient:
         """Store a manifest under `ref`'s tag (or digest); returns its digest."""
         return await push.put_manifest(self, ref, raw, media_type)
 
+    async def get_referrers(self, ref: Reference, subject: Digest) -> bytes | None:
+        """The raw OCI index of manifests whose `subject` is `subject` (the referrers API),
+        or None when the registry does not offer that API (then use the `sha256-<hex>`
+        tag fallback)."""
+        what = f"referrers of {ref.host}/{ref.repository}@{subject}"
+
+        async def op(ep: Endpoint) -> bytes | None:
+            url = f"{ep.base_url}/{ref.repository}/referrers/{subject}"
+            try:
+                response = await self.session.exchange(
+                    ep, ref, "GET", url, what, ManifestNotFound, ok=(200,),
+                    headers={"Accept": "application/vnd.oci.image.index.v1+json"},
+                )
+            except ManifestNotFound:
+                return None
+            if len(response.content) > MAX_MANIFEST_BYTES:
+                raise ManifestInvalid(f"{what}: over {MAX_MANIFEST_BYTES} bytes")
+            return response.content
+
+        return await self.failover.run(ref.host, "pull", what, op)
+
     async def aclose(self) -> None:
         self.failover.closed = True
         await self.session.aclose()
