@@ -46,6 +46,7 @@ class FakeRegistry:
     refresh_tokens: dict[str, str] = field(default_factory=dict)
     token_lifetime: int = 300
     redirect_blobs: bool = False
+    referrers_api: bool = False  # serve GET /v2/<repo>/referrers/<digest> (OCI 1.1)
     storage_expired: bool = False
     seen: list[Seen] = field(default_factory=list)
     _scripts: dict[str, list[object]] = field(default_factory=lambda: defaultdict(list))
@@ -171,6 +172,9 @@ class FakeRegistry:
         m = re.match(r"^/v2/(.+)/manifests/([^/]+)$", path)
         if m:
             return self._manifest(request, m.group(1), m.group(2), body)
+        m = re.match(r"^/v2/(.+)/referrers/([^/]+)$", path)
+        if m and self.referrers_api:
+            return self._referrers(m.group(1), m.group(2))
         m = re.match(r"^/v2/(.+)/blobs/uploads/([^/]*)$", path)
         if m:
             return self._upload(request, m.group(1), m.group(2), body)
@@ -209,6 +213,25 @@ class FakeRegistry:
         return httpx.Response(
             200, headers=headers, content=b"" if request.method == "HEAD" else raw
         )
+
+    def _referrers(self, repo: str, subject: str) -> httpx.Response:
+        found = []
+        for (r, key), (raw, media_type) in self.manifests.items():
+            if r != repo or not key.startswith("sha256:"):
+                continue
+            doc = json.loads(raw)
+            if (doc.get("subject") or {}).get("digest") != subject:
+                continue
+            entry = {"mediaType": media_type, "digest": key, "size": len(raw)}
+            if doc.get("artifactType"):
+                entry["artifactType"] = doc["artifactType"]
+            if doc.get("annotations"):
+                entry["annotations"] = doc["annotations"]
+            found.append(entry)
+        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                 "manifests": found}
+        return httpx.Response(200, json=index,
+                              headers={"Content-Type": "application/vnd.oci.image.index.v1+json"})
 
     def _upload(self, request: httpx.Request, repo: str, session: str, body: bytes):
         base = f"/v2/{repo}/blobs/uploads/"
