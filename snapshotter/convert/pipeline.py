@@ -237,7 +237,10 @@ class _Job:
         async with limiter:
             try:
                 self.progress.layer_started(key, layer.desc.size)
-                src = await self.src.fetch_layer(layer.desc, tmp.with_suffix(".src"), layer.what)
+                src = await self.src.fetch_layer(
+                    layer.desc, tmp.with_suffix(".src"), layer.what,
+                    partial(self.progress.fetched, key),
+                )
                 self.progress.phase(key, "convert")
                 layer.output = await trio.to_thread.run_sync(
                     partial(

@@ -25,12 +25,14 @@ class ConvertProgress(Protocol):
     """Lifecycle: `start` once, then per layer `layer_started`, `phase`*, `advance`*,
     `layer_done`; `note` any time; `close` at the end, on success and on failure.
 
-    `key` is the source layer digest; `advance` counts compressed source bytes read.
+    `key` is the source layer digest; `fetched` counts bytes downloaded (registry
+    sources only), `advance` compressed source bytes converted.
     """
 
     def start(self, layers: int, total_bytes: int) -> None: ...
     def layer_started(self, key: str, size: int) -> None: ...
     def phase(self, key: str, phase: str) -> None: ...
+    def fetched(self, key: str, nbytes: int) -> None: ...
     def advance(self, key: str, nbytes: int) -> None: ...
     def layer_done(self, key: str, before: int, after: int, uploaded: bool) -> None: ...
     def note(self, text: str) -> None: ...
@@ -45,6 +47,9 @@ class NullProgress:
         pass
 
     def phase(self, key: str, phase: str) -> None:
+        pass
+
+    def fetched(self, key: str, nbytes: int) -> None:
         pass
 
     def advance(self, key: str, nbytes: int) -> None:
@@ -138,7 +143,16 @@ class RichProgress(NullProgress):
     def phase(self, key: str, phase: str) -> None:
         task = self._tasks.get(key)
         if task is not None:
-            self._bars.update(task, description=f"  {key[7:19]} {phase}")
+            description = f"  {key[7:19]} {phase}"
+            if phase == "convert":  # the bar fills once while fetching, again converting
+                self._bars.reset(task, description=description)
+            else:
+                self._bars.update(task, description=description)
+
+    def fetched(self, key: str, nbytes: int) -> None:
+        task = self._tasks.get(key)
+        if task is not None:
+            self._bars.advance(task, nbytes)
 
     def advance(self, key: str, nbytes: int) -> None:
         task = self._tasks.get(key)

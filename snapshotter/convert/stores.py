@@ -66,7 +66,9 @@ class ImageSource(Protocol):
     async def root(self) -> Manifest | Index: ...
     async def child(self, desc: Descriptor) -> Manifest | Index: ...
     async def blob(self, desc: Descriptor, what: str) -> bytes: ...
-    async def fetch_layer(self, desc: Descriptor, dest: Path, what: str) -> Path: ...
+    async def fetch_layer(
+        self, desc: Descriptor, dest: Path, what: str, on_bytes: OnBytes | None = None
+    ) -> Path: ...
 
 
 class ImageDestination(Protocol):
@@ -138,7 +140,9 @@ class RegistrySource:
             raise InvalidArgument(f"{what}: {desc.size} bytes is too large for a config")
         return await self.client.get_blob(self.ref, desc.digest, max_size=_MAX_CONFIG)
 
-    async def fetch_layer(self, desc: Descriptor, dest: Path, what: str) -> Path:
+    async def fetch_layer(
+        self, desc: Descriptor, dest: Path, what: str, on_bytes: OnBytes | None = None
+    ) -> Path:
         # Ranged GETs: each piece is retried on its own, and none is larger than _RANGE.
         verifier = desc.digest.verifier()
         async with await trio.open_file(dest, "wb") as f:
@@ -147,6 +151,8 @@ class RegistrySource:
                 data = await self.client.read_blob_range(self.ref, desc.digest, start, end)
                 verifier.update(data)
                 await f.write(data)
+                if on_bytes is not None:
+                    on_bytes(len(data))
         verifier.verify(what)
         return dest
 
@@ -243,7 +249,9 @@ class LayoutSource:
         desc.digest.check(raw, what)
         return raw
 
-    async def fetch_layer(self, desc: Descriptor, dest: Path, what: str) -> Path:
+    async def fetch_layer(
+        self, desc: Descriptor, dest: Path, what: str, on_bytes: OnBytes | None = None
+    ) -> Path:
         path = _blob_path(self.dir, desc.digest)
         if not path.is_file():
             raise LayoutNotFound(f"{what}: blob missing from the layout")

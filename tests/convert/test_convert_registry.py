@@ -226,3 +226,21 @@ async def test_registry_serving_other_bytes_than_the_digest(
 
     assert _manifest_puts(fake) == []
     assert list(scratch.iterdir()) == []
+
+
+async def test_progress_on_a_terminal(fake: FakeRegistry, client, scratch: Path) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from snapshotter.convert import ConvertOptions, RichProgress, convert_image
+
+    _push(fake, "app", "v1", image_docs(list(sample_image().layers)))
+    out = io.StringIO()
+    progress = RichProgress(out)
+
+    await convert_image(f"{HOST}/app:v1", f"{HOST}/app:esgz", client=client,
+                        options=ConvertOptions(tmp_dir=scratch, compression_level=1),
+                        progress=progress)
+
+    text = out.getvalue()
+    assert "layers 2/2" in text
+    assert text.count("(pushed)") == 2
