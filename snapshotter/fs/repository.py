@@ -11,7 +11,7 @@ import logging
 import time
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +29,7 @@ __all__ = [
     "LayerExists",
     "LayerNotFound",
     "LayerStatistics",
+    "ReadObserver",
     "Repository",
     "ShortChunk",
 ]
@@ -71,6 +72,10 @@ class BatchChunkReader(ChunkReader, Protocol):
         ...
 
 
+ReadObserver = Callable[[Entry, Chunk], None]
+"""`observer(entry, chunk)`: a reader asked for `chunk` of `entry`; must not block or raise."""
+
+
 class LayerExists(AlreadyExists):
     """A layer with this id is attached already."""
 
@@ -105,6 +110,7 @@ class AttachedLayer:
         "generation",
         "layer_id",
         "memo_hits",
+        "observer",
         "open_files",
         "read_errors",
         "readahead_chunks",
@@ -124,6 +130,8 @@ class AttachedLayer:
         self.reader = reader
         self.bytes_read = self.chunks_read = self.memo_hits = 0
         self.read_errors = self.open_files = self.readahead_chunks = 0
+        # Told of every chunk a reader asks for (not read-ahead), e.g. to learn a profile.
+        self.observer: ReadObserver | None = None
         # Where the last reads of recently read files ended, to spot sequential readers.
         self.sequential: OrderedDict[str, int] = OrderedDict()
 
@@ -277,6 +285,9 @@ class Repository:
         if self.readahead_bytes and self._is_sequential(layer, entry.name, off, end):
             self._read_ahead(layer, entry, last + 1)
         wanted = chunks[first : last + 1]
+        if layer.observer is not None:
+            for chunk in wanted:
+                layer.observer(entry, chunk)
         if len(wanted) == 1:
             parts = [await self._chunk(layer, entry, wanted[0])]
         else:
