@@ -70,6 +70,24 @@ class Config:
     credentials_ttl: float = _opt(
         86400.0, "seconds that pull credentials seen by the CRI proxy are kept; 0 = until removed"
     )
+    prefetch_size: str = _opt(
+        "0", "bytes prefetched from a layer's start when it has neither a landmark nor the "
+        "stargz.prefetch label; 0 = none"
+    )
+    prefetch_wait: float = _opt(
+        10.0, "seconds a container start waits for its layers' prefetch before going ahead"
+    )
+    prefetch_parallel: int = _opt(4, "range requests in flight for one layer's prefetch")
+    background_fetch: bool = _opt(
+        True, "fetch the rest of each lazy layer in the background once readers are quiet"
+    )
+    background_quiet: float = _opt(
+        5.0, "seconds without waiting readers before background fetching starts or resumes"
+    )
+    background_rate: str = _opt("20MiB", "bytes per second for all background fetching; 0 = no cap")
+    background_concurrency: int = _opt(2, "layers fetched in the background at once")
+    readahead_size: str = _opt("4MiB", "read ahead this much of a file read sequentially; 0 = off")
+    max_connections_per_host: int = _opt(16, "range requests in flight to one registry host")
 
     @property
     def cache_bytes(self) -> int:
@@ -78,6 +96,18 @@ class Config:
     @property
     def max_toc_bytes(self) -> int:
         return parse_size(self.max_toc_size, "max_toc_size")
+
+    @property
+    def prefetch_bytes(self) -> int:
+        return parse_size(self.prefetch_size, "prefetch_size")
+
+    @property
+    def background_bytes_per_second(self) -> int:
+        return parse_size(self.background_rate, "background_rate")
+
+    @property
+    def readahead_bytes(self) -> int:
+        return parse_size(self.readahead_size, "readahead_size")
 
 
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
@@ -171,6 +201,14 @@ def load(args: argparse.Namespace | None = None) -> Config:
     cfg = Config(**coerced)
     parse_size(cfg.cache_size, "cache_size")
     parse_size(cfg.max_toc_size, "max_toc_size")
+    for key in ("prefetch_size", "background_rate", "readahead_size"):
+        parse_size(getattr(cfg, key), key)
+    for key in ("prefetch_parallel", "background_concurrency", "max_connections_per_host"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key {key!r}: must be at least 1")
+    for key in ("prefetch_wait", "background_quiet"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key {key!r}: must not be negative")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"config key 'log_level': unknown level {cfg.log_level!r}")
     try:
