@@ -1,11 +1,12 @@
 """Peak memory of `lazysnap convert` on one large generated layer (issue 4's 1 GiB target).
 
-Standalone: `python -m tests.bench.bench_convert_memory [--smoke] [--size 1GiB]`. It writes
-an OCI layout holding one gzip layer of `--size` uncompressed bytes (large and small files,
-half incompressible, half text-like), converts it with `python -m snapshotter convert` as a
-child process, and reads the child's peak RSS (getrusage). It prints the peak, the peak per
-layer byte, and the baseline of the same command on a tiny layer; it exits 1 if the peak is
-over `--limit` (default 200 MiB). `--smoke` uses 64 MiB so that it runs in seconds.
+Standalone: `python -m tests.bench.bench_convert_memory [--smoke] [--size 1GiB] [--registry]`.
+It writes an OCI layout holding one gzip layer of `--size` uncompressed bytes (large and
+small files, half incompressible, half text-like), converts it with `python -m snapshotter
+convert` as a child process (layout to layout, or with `--registry` registry to registry
+through a loopback docker-registry), and reads the child's peak RSS (getrusage). It prints
+the peak, the peak per layer byte, and the baseline of the same command on a tiny layer;
+it exits 1 if the peak is over `--limit` (default 200 MiB). `--smoke` uses 64 MiB.
 """
 
 from __future__ import annotations
@@ -110,8 +111,35 @@ def write_layout(root: Path, size: int) -> None:
         "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
 
 
+def push_layout(root: Path, ref: str) -> None:
+    """Upload an OCI layout's image to a registry as is (blobs stream from disk)."""
+    import trio
+
+    from snapshotter.digest import Digest
+    from snapshotter.registry.client import RegistryClient
+    from snapshotter.registry.reference import Reference
+
+    index = json.loads((root / "index.json").read_text())
+    top = index["manifests"][0]
+    raw = (root / "blobs/sha256" / top["digest"].removeprefix("sha256:")).read_bytes()
+    manifest = json.loads(raw)
+
+    async def main() -> None:
+        client = RegistryClient(hosts_dir=None)
+        target = Reference.parse(ref)
+        try:
+            for desc in [manifest["config"], *manifest["layers"]]:
+                path = root / "blobs/sha256" / desc["digest"].removeprefix("sha256:")
+                await client.push_blob(target, path, Digest.parse(desc["digest"]))
+            await client.put_manifest(target, raw, top["mediaType"])
+        finally:
+            await client.aclose()
+
+    trio.run(main)
+
+
 def peak_rss_of_convert(
-    src: Path, dst: Path, tmp: Path, level: int, extra: tuple[str, ...] = ()
+    src: str, dst: str, tmp: Path, level: int, extra: tuple[str, ...] = ()
 ) -> tuple[int, float]:
     """(peak RSS in bytes, seconds) of one `lazysnap convert` child."""
     code = (
@@ -124,7 +152,7 @@ def peak_rss_of_convert(
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-c", code, "convert", "-q", "--compression-level", str(level),
-         "--tmp-dir", str(tmp), *extra, f"oci:{src}:v1", f"oci:{dst}:v1"],
+         "--tmp-dir", str(tmp), *extra, src, dst],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
@@ -147,6 +175,8 @@ def main() -> int:
     parser.add_argument("--limit", default="200MiB", help="peak RSS allowed (default 200MiB)")
     parser.add_argument("--level", type=int, default=9, help="gzip level for the output")
     parser.add_argument("--workdir", type=Path, default=None, help="where layouts go")
+    parser.add_argument("--registry", action="store_true",
+                        help="convert registry to registry (docker-registry on loopback)")
     parser.add_argument("--prioritize", action="store_true",
                         help="put two files first (the spooling path of the converter)")
     args = parser.parse_args()
@@ -155,21 +185,40 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-convert-", dir=args.workdir) as tmp:
         work = Path(tmp)
         (work / "scratch").mkdir()
-        write_layout(work / "tiny", 64 * 1024)
-        baseline, _ = peak_rss_of_convert(work / "tiny", work / "tiny-out", work / "scratch",
-                                          args.level)
-        started = time.monotonic()
-        write_layout(work / "src", size)
-        made = time.monotonic() - started
-        extra: tuple[str, ...] = ()
-        if args.prioritize:
-            (work / "prio.txt").write_text(f"{_files(size)[-1][0]}\ndata/big/f000001\n")
-            extra = ("--prioritize", str(work / "prio.txt"))
-        peak, took = peak_rss_of_convert(work / "src", work / "out", work / "scratch",
-                                         args.level, extra)
-        leftovers = list((work / "scratch").iterdir())
+        registry = None
+        if args.registry:
+            from tests.e2e.harness import Registry
+
+            registry = Registry(work / "registry").start()
+
+        def location(name: str) -> str:
+            if registry is None:
+                return f"oci:{work / name}:v1"
+            return f"{registry.host}/bench/{name}:v1"
+
+        try:
+            write_layout(work / "tiny", 64 * 1024)
+            started = time.monotonic()
+            write_layout(work / "src", size)
+            made = time.monotonic() - started
+            if registry is not None:
+                push_layout(work / "tiny", location("tiny"))
+                push_layout(work / "src", location("src"))
+            baseline, _ = peak_rss_of_convert(location("tiny"), location("tiny-out"),
+                                              work / "scratch", args.level)
+            extra: tuple[str, ...] = ()
+            if args.prioritize:
+                (work / "prio.txt").write_text(f"{_files(size)[-1][0]}\ndata/big/f000001\n")
+                extra = ("--prioritize", str(work / "prio.txt"))
+            peak, took = peak_rss_of_convert(location("src"), location("out"),
+                                             work / "scratch", args.level, extra)
+            leftovers = list((work / "scratch").iterdir())
+        finally:
+            if registry is not None:
+                registry.stop()
     print(f"layer: {size / MiB:.0f} MiB uncompressed (generated in {made:.1f}s)"
-          + (", with --prioritize" if args.prioritize else ""))
+          + (", with --prioritize" if args.prioritize else "")
+          + (", registry to registry" if args.registry else ", OCI layout to layout"))
     print(f"convert: {took:.1f}s, {size / MiB / took:.1f} MiB/s at gzip level {args.level}")
     print(f"peak RSS: {peak / MiB:.1f} MiB (baseline on a tiny layer {baseline / MiB:.1f} MiB, "
           f"+{(peak - baseline) / MiB:.1f} MiB for this layer)")
