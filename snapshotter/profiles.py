@@ -1,0 +1,274 @@
+"""Learned access profiles in the daemon: where they are kept, when they are learned, and
+when they are applied.
+
+`ProfileStore` keeps one verified profile per image manifest digest on disk (the CLI uses
+it directly). `ProfileService` is told of every attached layer (by `bridge.py`): it
+finds the image's manifest digest, looks for a profile (the store, then the registry),
+prefetches the layer's chunks the profile lists, or, when there is none, records the
+image's reads during its first `profile_window` seconds and stores what it learned.
+Everything here is an optimisation: a failure is logged, and the container still starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from snapshotter.digest import Digest
+from snapshotter.errors import InvalidArgument, LazysnapError
+from snapshotter.format.toc import Chunk, Entry, Toc
+from snapshotter.fs.repository import Repository
+from snapshotter.labels import LayerSource
+from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.reference import Reference
+from snapshotter.remote.blob import RemoteBlob
+from snapshotter.remote.prefetch import prefetch
+from snapshotter.remote.profile import (
+    Profile,
+    Recorder,
+    decode_profile,
+    encode_profile,
+    plan_profile,
+)
+from snapshotter.remote.profile_oci import find_profile
+
+__all__ = ["PROFILES_DIR", "ProfileService", "ProfileStore"]
+
+log = logging.getLogger("lazysnap.profiles")
+
+PROFILES_DIR = "profiles"
+_RESOLVE_TTL = 60.0  # seconds a tag -> manifest digest answer is reused for a pull's layers
+
+
+class ProfileStore:
+    """Profiles by manifest digest: `<dir>/<algorithm>-<hex>.json`, in the portable form
+    (`remote/profile.py` `encode_profile`). Writes are atomic (temp file, rename); reads
+    check the profile's digest and that it names the manifest it is filed under."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, manifest: str) -> Path:
+        d = Digest.parse(manifest)
+        return self.directory / f"{d.algorithm}-{d.hex}.json"
+
+    def raw(self, manifest: str) -> bytes | None:
+        try:
+            return self.path(manifest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def load(self, manifest: str) -> Profile | None:
+        """The stored profile, or None; raises InvalidProfile/ProfileMismatch if damaged."""
+        raw = self.raw(manifest)
+        if raw is None:
+            return None
+        return decode_profile(raw, manifest=manifest, what=f"stored profile {self.path(manifest)}")
+
+    def save_raw(self, raw: bytes, *, what: str = "profile") -> Profile:
+        """Check `raw` (digest, format) and store it under the manifest it names."""
+        profile = decode_profile(raw, what=what)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(profile.manifest)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(raw)
+        os.replace(tmp, path)
+        return profile
+
+    def save(self, profile: Profile) -> Path:
+        self.save_raw(encode_profile(profile))
+        return self.path(profile.manifest)
+
+    def manifests(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.stem.replace("-", ":", 1) for p in self.directory.glob("*.json"))
+
+
+@dataclass
+class _Image:
+    """What the service knows of one image (manifest digest)."""
+
+    manifest: str
+    profile: Profile | None = None
+    source: str = ""  # where the profile came from: "store", "registry"
+    recorder: Recorder | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    looked_up: bool = False
+
+
+class ProfileService:
+    """Learns and applies profiles for the layers attached to `repository`.
+
+    Call `attached(layer_id, source, toc, blob)` in the trio thread right after a layer
+    is attached; `released(layer_digest)` when it goes. Work runs in the nursery given to
+    `run` (or as system tasks without it). `status()` says what was applied per layer.
+    """
+
+    def __init__(
+        self,
+        store: ProfileStore,
+        repository: Repository,
+        client: RegistryClient,
+        *,
+        window: float = 10.0,
+        record: bool = True,
+        apply: bool = True,
+        lookup: bool = True,
+        parallel: int = 4,
+    ) -> None:
+        self.store = store
+        self._repo = repository
+        self._client = client
+        self.window = window
+        self.record, self.apply, self.lookup = record, apply, lookup
+        self.parallel = parallel
+        self._images: dict[str, _Image] = {}
+        self._layer_images: dict[str, set[str]] = {}  # layer digest -> manifest digests
+        self._resolved: dict[str, tuple[str, float]] = {}  # image ref -> (manifest, when)
+        self._applied: dict[str, dict[str, Any]] = {}  # layer digest -> what was prefetched
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    # -- called by the bridge (trio thread) ----------------------------------------------
+
+    def attached(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
+        if not (self.record or self.apply):
+            return
+        self._spawn(self._start, layer_id, source, toc, blob)
+
+    def released(self, layer_digest: str) -> None:
+        self._layer_images.pop(layer_digest, None)
+        self._applied.pop(layer_digest, None)
+
+    def status(self, layer_digest: str) -> dict[str, Any]:
+        return dict(self._applied.get(layer_digest, {}))
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._guarded, fn, *args)
+        else:
+            trio.lowlevel.spawn_system_task(self._guarded, fn, *args)
+
+    async def _guarded(self, fn: Any, *args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception:  # a system task must not raise; a profile is never fatal
+            log.exception("profile work failed")
+
+    async def _start(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
+        manifest = await self._manifest_of(source)
+        if manifest is None:
+            return
+        image = self._images.setdefault(manifest, _Image(manifest))
+        self._layer_images.setdefault(source.layer_digest, set()).add(manifest)
+        layer = self._repo.layer(layer_id)
+        if layer is not None:
+            layer.observer = partial(self._on_read, source.layer_digest)
+        async with image.lock:
+            if not image.looked_up:
+                image.looked_up = True
+                await self._find(image, source)
+            if image.profile is None and image.recorder is None and self.record:
+                image.recorder = Recorder(manifest, self.window, image_ref=source.image_ref)
+        if image.profile is not None and self.apply:
+            await self._apply(image, source, toc, blob)
+
+    async def _manifest_of(self, source: LayerSource) -> str | None:
+        """The image's manifest digest: CRI's label, else the reference resolved now (ctr
+        and ctr-remote send no manifest digest); None if it cannot be had."""
+        if source.manifest_digest:
+            return source.manifest_digest
+        try:
+            ref = Reference.parse(source.image_ref)
+            if ref.digest is not None and ref.tag is None:
+                return str(ref.digest)
+            known = self._resolved.get(source.image_ref)
+            if known is not None and time.monotonic() - known[1] < _RESOLVE_TTL:
+                return known[0]
+            manifest = str((await self._client.get_manifest(ref)).digest)
+        except LazysnapError as exc:
+            log.info("image %s: no manifest digest, so no profile (%s)", source.image_ref, exc)
+            return None
+        self._resolved[source.image_ref] = (manifest, time.monotonic())
+        return manifest
+
+    async def _find(self, image: _Image, source: LayerSource) -> None:
+        try:
+            image.profile = await trio.to_thread.run_sync(self.store.load, image.manifest)
+            image.source = "store"
+        except InvalidArgument as exc:
+            log.warning("image %s: stored profile rejected: %s", source.image_ref, exc)
+        if image.profile is not None or not self.lookup:
+            return
+        try:
+            raw = await find_profile(self._client, Reference.parse(source.image_ref),
+                                     Digest.parse(image.manifest))
+            if raw is None:
+                log.info("image %s: no profile in the registry for %s", source.image_ref,
+                         image.manifest)
+                return
+            what = f"registry profile for {source.image_ref}"
+            image.profile = decode_profile(raw, manifest=image.manifest, what=what)
+            image.source = "registry"
+            await trio.to_thread.run_sync(partial(self.store.save_raw, raw, what=what))
+            log.info("image %s: profile found in the registry (%d chunks)", source.image_ref,
+                     len(image.profile.accesses))
+        except LazysnapError as exc:
+            log.warning("image %s: registry profile rejected: %s", source.image_ref, exc)
+
+    async def _apply(self, image: _Image, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
+        assert image.profile is not None
+        plan = await trio.to_thread.run_sync(plan_profile, image.profile, source.layer_digest, toc)
+        row = {"manifest": image.manifest, "from": image.source, "chunks": len(plan.chunks)}
+        self._applied[source.layer_digest] = row
+        if not plan.chunks:
+            return
+        result = await prefetch(blob, plan, parallel=self.parallel)
+        row.update(fetched_chunks=result.chunks, bytes=result.bytes_fetched,
+                   complete=result.complete)
+        log.info("%s: profile of %s prefetched %d chunks (%d bytes)", blob.name,
+                 image.manifest, result.chunks, result.bytes_fetched)
+
+    def _on_read(self, layer_digest: str, entry: Entry, chunk: Chunk) -> None:
+        for manifest in self._layer_images.get(layer_digest, ()):
+            image = self._images.get(manifest)
+            rec = image.recorder if image is not None else None
+            if rec is None:
+                continue
+            first = rec.started is None
+            rec.read(layer_digest, entry, chunk, trio.current_time())
+            if first:
+                self._spawn(self._finish, manifest)
+
+    async def _finish(self, manifest: str) -> None:
+        await trio.sleep(self.window)
+        image = self._images.get(manifest)
+        if image is None or image.recorder is None:
+            return
+        profile = image.recorder.profile()
+        image.recorder = None
+        if not profile.accesses:
+            return
+        path = await trio.to_thread.run_sync(self.store.save, profile)
+        image.profile, image.source = profile, "learned"
+        log.info("image %s: profile learned (%d chunks of %d files in %gs): %s",
+                 profile.image_ref or manifest, len(profile.accesses), len(profile.files()),
+                 self.window, path)

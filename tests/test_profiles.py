@@ -1,0 +1,209 @@
+"""ProfileService over a real Repository (no FUSE), RemoteBlob, cache and the fake registry:
+learning a profile from reads, applying a stored or pushed one, refusing bad ones."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from snapshotter.cache.chunks import ChunkCache
+from snapshotter.digest import Digest
+from snapshotter.format.build import build_estargz
+from snapshotter.fs.repository import Repository
+from snapshotter.fs.tree import LayerTree
+from snapshotter.labels import LayerSource
+from snapshotter.profiles import ProfileService, ProfileStore
+from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.manifest import OCI_MANIFEST
+from snapshotter.registry.reference import Reference
+from snapshotter.registry.retry import RetryPolicy
+from snapshotter.remote.blob import RemoteBlob
+from snapshotter.remote.layer import load_toc
+from snapshotter.remote.profile import encode_profile
+from snapshotter.remote.profile_oci import push_profile
+from tests.registry.fakeregistry import FakeRegistry
+from tests.remote.remote_fakes import CHUNK, FILES, layer_tar
+
+REF = "registry.test/app:v1"
+FAST_RETRY = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, total_time=5.0)
+
+
+class Bench:
+    def __init__(self, tmp: Path, fake: FakeRegistry, client: RegistryClient, layer: str,
+                 manifest: str, toc_digest: Digest) -> None:
+        self.tmp, self.fake, self.client = tmp, fake, client
+        self.layer, self.manifest, self.toc_digest = layer, manifest, toc_digest
+        self.n = 0
+
+    async def daemon(self, window: float = 0.3, **kw):  # type: ignore[no-untyped-def]
+        """A fresh 'daemon': its own cache, store and repository, the layer attached."""
+        self.n += 1
+        root = self.tmp / f"d{self.n}"
+        cache = ChunkCache(root / "cache", max_bytes=64 << 20)
+        store = ProfileStore(root / "profiles")
+        repo = Repository()
+        service = ProfileService(store, repo, self.client, window=window, **kw)
+        ref = Reference.parse(REF)
+        size = await self.client.blob_size(ref, Digest.parse(self.layer))
+        fetch = partial(self.client.read_blob_range, ref, Digest.parse(self.layer))
+        toc = await load_toc(fetch, blob_size=size, toc_digest=self.toc_digest,
+                             max_toc_size=1 << 20)
+        blob = RemoteBlob(fetch, cache, blob_size=size, name="layer x")
+        repo.attach("1", LayerTree.from_toc(toc), blob)
+        source = LayerSource(image_ref=REF, layer_digest=self.layer)
+        return service, store, repo, cache, toc, blob, source
+
+
+@pytest.fixture
+async def bench(tmp_path: Path):
+    out = io.BytesIO()
+    result = build_estargz(io.BytesIO(layer_tar(FILES)), out, chunk_size=CHUNK)
+    fake = FakeRegistry()
+    layer = fake.add_blob(out.getvalue())
+    config = fake.add_blob(b"{}")
+    manifest = fake.add_manifest("app", "v1", {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer, "size": len(out.getvalue())}]}, OCI_MANIFEST)
+    client = RegistryClient(hosts_dir=None, docker_config=tmp_path / "none.json",
+                            retry=FAST_RETRY, transport=fake.transport())
+    yield Bench(tmp_path, fake, client, layer, manifest, result.toc_digest)
+    await client.aclose()
+
+
+async def _read(repo: Repository, name: str) -> bytes:
+    layer = repo.layer("1")
+    assert layer is not None
+    for ino in range(1, len(layer.tree) + 1):
+        entry = layer.tree.entry(ino)
+        if entry.name == name:
+            return await repo.read(layer, entry, 0, entry.size)
+    raise AssertionError(name)
+
+
+async def _learn(bench: Bench) -> bytes:
+    service, store, repo, cache, toc, blob, source = await bench.daemon()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        service.attached("1", source, toc, blob)
+        with trio.fail_after(5):
+            while repo.layer("1").observer is None:  # type: ignore[union-attr]
+                await trio.sleep(0.01)
+        await _read(repo, "usr/lib/big.bin")
+        await _read(repo, "etc/hello.txt")
+        with trio.fail_after(5):
+            while store.raw(bench.manifest) is None:
+                await trio.sleep(0.05)
+        await trio.sleep(0.4)
+        await _read(repo, "usr/lib/zeros")  # after the window: not recorded
+        nursery.cancel_scope.cancel()
+    cache.close()
+    raw = store.raw(bench.manifest)
+    assert raw is not None
+    return raw
+
+
+async def test_a_profile_is_learned_from_the_first_reads_of_an_image(bench) -> None:
+    raw = await _learn(bench)
+    doc = json.loads(raw)["profile"]
+    assert doc["manifest"] == bench.manifest  # resolved from the tag: ctr sends no digest
+    assert [a[1] for a in doc["accesses"]][-1] == "etc/hello.txt"
+    assert {a[1] for a in doc["accesses"]} == {"usr/lib/big.bin", "etc/hello.txt"}
+
+
+async def _apply(bench: Bench, setup) -> tuple[ChunkCache, RemoteBlob, object]:  # type: ignore[no-untyped-def]
+    service, store, _repo, cache, toc, blob, source = await bench.daemon()
+    await setup(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        service.attached("1", source, toc, blob)
+        with trio.fail_after(5):
+            while not _settled(service, bench):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    return cache, blob, toc
+
+
+def _settled(service: ProfileService, bench: Bench) -> bool:
+    """The profile was prefetched, or there was none (or a bad one) and learning began."""
+    row = service.status(bench.layer)
+    image = service._images.get(bench.manifest)
+    return "complete" in row or (image is not None and image.recorder is not None)
+
+
+async def test_a_stored_profile_prefetches_its_chunks_on_a_cold_start(bench) -> None:
+    raw = await _learn(bench)
+
+    async def setup(store: ProfileStore) -> None:
+        store.save_raw(raw)
+
+    cache, blob, toc = await _apply(bench, setup)
+    by_name = toc.by_name()
+    for name in ("usr/lib/big.bin", "etc/hello.txt"):
+        assert all(Digest.parse(c.digest) in cache for c in by_name[name].chunks)
+    assert not any(Digest.parse(c.digest) in cache for c in by_name["usr/lib/zeros"].chunks)
+    assert blob.statistics().bytes_prefetch > 0
+    cache.close()
+
+
+async def test_a_pushed_profile_is_found_in_the_registry(bench) -> None:
+    raw = await _learn(bench)
+    await push_profile(bench.client, Reference.parse(REF), raw)
+
+    async def setup(store: ProfileStore) -> None:
+        pass
+
+    cache, blob, _toc = await _apply(bench, setup)
+    assert blob.statistics().bytes_prefetch > 0
+    cache.close()
+
+
+@pytest.mark.allow_log_errors
+async def test_a_tampered_registry_profile_is_refused_and_learning_goes_on(bench, caplog) -> None:
+    raw = await _learn(bench)
+    doc = json.loads(raw)
+    doc["profile"]["window"] = 99.0
+    await push_profile(bench.client, Reference.parse(REF), json.dumps(doc).encode())
+
+    async def setup(store: ProfileStore) -> None:
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="lazysnap.profiles"):
+        cache, blob, _ = await _apply(bench, setup)
+    assert "registry profile rejected" in caplog.text and "digest mismatch" in caplog.text
+    # _apply returned because the service went on to learn a profile of its own.
+    assert blob.statistics().bytes_prefetch == 0
+    cache.close()
+
+
+@pytest.mark.allow_log_errors
+async def test_another_images_profile_is_refused(bench, caplog) -> None:
+    raw = await _learn(bench)
+    doc = json.loads(raw)
+    other = json.loads(encode_profile_for(doc, str(Digest.of(b"other"))))
+
+    async def setup(store: ProfileStore) -> None:
+        # Filed under this image's name, but naming another manifest inside.
+        store.directory.mkdir(parents=True, exist_ok=True)
+        store.path(bench.manifest).write_text(json.dumps(other))
+
+    with caplog.at_level(logging.WARNING, logger="lazysnap.profiles"):
+        cache, blob, _ = await _apply(bench, setup)
+    assert "stored profile rejected" in caplog.text and "belongs to manifest" in caplog.text
+    assert blob.statistics().bytes_prefetch == 0
+    cache.close()
+
+
+def encode_profile_for(doc: dict, manifest: str) -> bytes:
+    from snapshotter.remote.profile import decode_profile
+
+    profile = decode_profile(json.dumps(doc).encode())
+    return encode_profile(type(profile)(manifest, profile.accesses, profile.window))
