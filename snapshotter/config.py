@@ -88,6 +88,22 @@ class Config:
     background_concurrency: int = _opt(2, "layers fetched in the background at once")
     readahead_size: str = _opt("4MiB", "read ahead this much of a file read sequentially; 0 = off")
     max_connections_per_host: int = _opt(16, "range requests in flight to one registry host")
+    profile_record: bool = _opt(
+        True, "learn which chunks an image's containers read in their first profile_window "
+        "seconds, when the image has no profile yet"
+    )
+    profile_window: float = _opt(10.0, "seconds of reads recorded from an image's first read")
+    profile_apply: bool = _opt(
+        True, "prefetch the chunks an image's profile lists, in first-access order, on attach"
+    )
+    profile_lookup: bool = _opt(
+        True, "look for a profile in the registry (referrers API or sha256-<hex> tag) when "
+        "none is stored locally"
+    )
+    native_layers: bool = _opt(
+        False, "materialise layers whose chunks are all cached as plain directories for new "
+        "containers (counted in cache_size)"
+    )
 
     @property
     def cache_bytes(self) -> int:
@@ -206,7 +222,7 @@ def load(args: argparse.Namespace | None = None) -> Config:
     for key in ("prefetch_parallel", "background_concurrency", "max_connections_per_host"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key {key!r}: must be at least 1")
-    for key in ("prefetch_wait", "background_quiet"):
+    for key in ("prefetch_wait", "background_quiet", "profile_window"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key {key!r}: must not be negative")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
