@@ -28,13 +28,14 @@ EXIT_CODES: dict[type[errors.LazysnapError], int] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    from snapshotter.cli import convert, serve, status
+    from snapshotter.cli import convert, prefetch, serve, status
 
     parser = argparse.ArgumentParser(prog="lazysnap", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve.register(sub)
     convert.register(sub)
     status.register(sub)
+    prefetch.register(sub)
     return parser
 
 
