@@ -61,6 +61,13 @@ def render(doc: dict[str, Any]) -> str:
             f"{row['percent_fetched']:>6.1f} {row['cache_hits']:>6}"
             + (f"  {row['error']}" if row.get("error") else "")
         )
+        if "prefetch" in row:  # how the layer's bytes came: ahead of time or waited for
+            lines.append(
+                f"    prefetch: {row['prefetch']} ({_size(row['bytes_prefetch'])}); "
+                f"background: {row['background']} ({_size(row['bytes_background'])}); "
+                f"on demand: {_size(row['bytes_on_demand'])}, "
+                f"{row['demand_waits']} fetches waited on"
+            )
     for fb in doc.get("fallbacks", []):
         lines.append(
             f"{fb['image_ref'][-40:]:40} {fb['layer_digest'][:19]:19} "

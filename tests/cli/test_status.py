@@ -164,3 +164,18 @@ def test_daemon_survives_a_status_file_it_cannot_write(tmp_path: Path) -> None:
         leftovers = unmount_under(tmp_path)
     assert "Traceback" not in daemon.log_path.read_text()
     assert leftovers == []
+
+
+def test_a_warmed_layer_shows_bytes_by_purpose(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = _doc()
+    doc["layers"][0] |= {"prefetch": "landmark done", "prefetch_chunks": 3,
+                         "background": "running", "bytes_prefetch": 512 << 10,
+                         "bytes_background": 200 << 10, "bytes_on_demand": 56 << 10,
+                         "demand_waits": 4}
+    _write(tmp_path, doc)
+    assert _status(tmp_path) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == ("    prefetch: landmark done (512.0KiB); background: running "
+                        "(200.0KiB); on demand: 56.0KiB, 4 fetches waited on")
