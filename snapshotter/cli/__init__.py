@@ -28,7 +28,7 @@ EXIT_CODES: dict[type[errors.LazysnapError], int] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    from snapshotter.cli import convert, prefetch, serve, status
+    from snapshotter.cli import convert, prefetch, profile, serve, status
 
     parser = argparse.ArgumentParser(prog="lazysnap", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.register(sub)
     status.register(sub)
     prefetch.register(sub)
+    profile.register(sub)
     return parser
 
 
