@@ -10,12 +10,13 @@ the daemon's 0700 root: whoever can use it can already read the cache.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ class ControlServer:
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         self.path.unlink(missing_ok=True)  # a dead daemon's socket; the cache lock is ours
         try:
-            await sock.bind(str(self.path))
+            with _addressable(self.path) as address:
+                await sock.bind(address)
             os.chmod(self.path, 0o600)
             sock.listen(16)
             listener = trio.SocketListener(sock)
@@ -112,6 +114,20 @@ class ControlServer:
                         # The client went away: its request's work goes with it.
                         nursery.cancel_scope.cancel()
                         break
+
+
+@contextlib.contextmanager
+def _addressable(path: Path) -> Iterator[str]:
+    """`path` as a unix socket address: sun_path holds 107 bytes, deep roots (test trees)
+    need more, so reach long ones through their directory's /proc/self/fd link."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:
@@ -168,7 +184,8 @@ def request(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(idle_timeout)
         try:
-            sock.connect(str(path))
+            with _addressable(path) as address:
+                sock.connect(address)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise NoDaemon(f"{path}: no daemon listening") from exc
         except PermissionError:

@@ -147,3 +147,17 @@ async def test_through_the_control_socket(registry, cache, tmp_path: Path) -> No
     assert not sock.exists()
     with pytest.raises(control.NoDaemon):
         control.request(sock, {"op": "prefetch"})
+
+
+async def test_control_socket_in_a_deep_directory(registry, cache, tmp_path: Path) -> None:
+    _, client, _ = registry
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    sock = deep / "control.sock"
+    handler = control.prefetch_handler(Config(root=tmp_path), client, cache)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.ControlServer(sock, {"prefetch": handler}).run)
+        req = {"op": "prefetch", "images": ["registry.test/app:v1"]}
+        result = await trio.to_thread.run_sync(control.request, sock, req)
+        assert result["layers"] == 2
+        nursery.cancel_scope.cancel()
