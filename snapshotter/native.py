@@ -32,6 +32,7 @@ from snapshotter.cache.chunks import ChunkCache
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss, LazysnapError
 from snapshotter.format.toc import Toc
+from snapshotter.labels import LayerSource
 from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.prefetch import missing_chunks
 
@@ -87,7 +88,8 @@ class NativeLayers:
 
     # -- trio thread ------------------------------------------------------------------------
 
-    def attached(self, layer_id: str, digest: str, toc: Toc, blob: RemoteBlob) -> None:
+    def attached(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
+        digest = source.layer_digest
         with self._lock:
             if digest in self._layers and not self._layers[digest].gone:
                 return

@@ -152,6 +152,9 @@ class ProfileService:
             return
         self._spawn(self._start, layer_id, source, toc, blob)
 
+    def lowerdir(self, layer_digest: str) -> str | None:
+        return None  # profiles never change where a layer is read from
+
     def released(self, layer_digest: str) -> None:
         self._layer_images.pop(layer_digest, None)
         self._applied.pop(layer_digest, None)

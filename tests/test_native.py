@@ -16,12 +16,14 @@ import trio.testing
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.digest import Digest
 from snapshotter.format.toc import Entry, Toc
+from snapshotter.labels import LayerSource
 from snapshotter.native import NativeLayers
 from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.prefetch import plan_whole_layer, prefetch
 from tests.remote.remote_fakes import FakeSource, layout, pieces
 
 LAYER = str(Digest.of(b"native layer"))
+SOURCE = LayerSource(image_ref="r.test/app:1", layer_digest=LAYER)
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ async def test_a_layer_goes_native_once_complete_and_back_when_released(layer) -
     native = NativeLayers(root, cache, root / "repo", interval=0.01)
     async with trio.open_nursery() as nursery:
         await nursery.start(native.run)
-        native.attached("7", LAYER, toc, blob)
+        native.attached("7", SOURCE, toc, blob)
         await trio.sleep(0.1)
         assert native.lowerdir(LAYER) is None  # nothing fetched yet
         await prefetch(blob, plan_whole_layer(toc))
@@ -76,7 +78,7 @@ async def test_a_copy_that_does_not_match_the_toc_is_not_used(layer) -> None:
     native = NativeLayers(root, cache, root / "repo", interval=0.01)
     async with trio.open_nursery() as nursery:
         await nursery.start(native.run)
-        native.attached("7", LAYER, toc, blob)
+        native.attached("7", SOURCE, toc, blob)
         await trio.sleep(0.5)
         assert native.lowerdir(LAYER) is None
         assert not native.path(LAYER).exists()
@@ -92,7 +94,7 @@ async def test_a_layer_over_the_native_share_stays_lazy(layer) -> None:
     native = NativeLayers(root, cache, root / "repo", interval=0.01)
     async with trio.open_nursery() as nursery:
         await nursery.start(native.run)
-        native.attached("7", LAYER, toc, blob)
+        native.attached("7", SOURCE, toc, blob)
         await trio.sleep(0.3)
         assert native.lowerdir(LAYER) is None
         nursery.cancel_scope.cancel()
@@ -102,7 +104,7 @@ async def test_a_directory_from_an_earlier_run_is_kept_as_in_use(layer) -> None:
     root, cache, toc, blob, _ = layer
     native = NativeLayers(root, cache, root / "repo")
     os.makedirs(native.path(LAYER) / "lib")
-    native.attached("7", LAYER, toc, blob)
+    native.attached("7", SOURCE, toc, blob)
     assert native.lowerdir(LAYER) == str(native.path(LAYER))
     assert cache.max_bytes == (1 << 20) - 9000
     native.released(LAYER)
