@@ -21,11 +21,14 @@ from typing import Any
 
 import trio
 
+from snapshotter.cache.chunks import ChunkCache
+from snapshotter.config import Config
 from snapshotter.digest import Digest
 from snapshotter.errors import InvalidArgument, LazysnapError
 from snapshotter.format.toc import Chunk, Entry, Toc
 from snapshotter.fs.repository import Repository
 from snapshotter.labels import LayerSource
+from snapshotter.native import NativeLayers
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference
 from snapshotter.remote.blob import RemoteBlob
@@ -39,7 +42,7 @@ from snapshotter.remote.profile import (
 )
 from snapshotter.remote.profile_oci import find_profile
 
-__all__ = ["PROFILES_DIR", "ProfileService", "ProfileStore"]
+__all__ = ["PROFILES_DIR", "ProfileService", "ProfileStore", "start_layer_hooks"]
 
 log = logging.getLogger("lazysnap.profiles")
 
@@ -275,3 +278,26 @@ class ProfileService:
         log.info("image %s: profile learned (%d chunks of %d files in %gs): %s",
                  profile.image_ref or manifest, len(profile.accesses), len(profile.files()),
                  self.window, path)
+
+
+async def start_layer_hooks(
+    nursery: trio.Nursery, cfg: Config, repository: Repository, client: RegistryClient,
+    cache: ChunkCache,
+) -> list[Any]:
+    """The daemon's layer hooks (bridge.LayerHooks) as configured, started in `nursery`."""
+    hooks: list[Any] = []
+    if cfg.profile_record or cfg.profile_apply:
+        service = ProfileService(
+            ProfileStore(cfg.root / PROFILES_DIR), repository, client,
+            window=cfg.profile_window, record=cfg.profile_record, apply=cfg.profile_apply,
+            lookup=cfg.profile_lookup,
+        )
+        await nursery.start(service.run)
+        hooks.append(service)
+    if cfg.native_layers:
+        # Not before a profile is learned: copying the layer reads all of it.
+        delay = cfg.profile_window + 1.0 if cfg.profile_record else 0.0
+        native = NativeLayers(cfg.root, cache, cfg.root / "repo", interval=2.0, delay=delay)
+        await nursery.start(native.run)
+        hooks.append(native)
+    return hooks
