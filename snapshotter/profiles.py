@@ -163,7 +163,10 @@ class ProfileService:
         self._applied.pop(layer_digest, None)
 
     def status(self, layer_digest: str) -> dict[str, Any]:
-        return dict(self._applied.get(layer_digest, {}))
+        """`{"profile": {manifest, from, chunks, fetched_chunks, bytes, complete}}` once a
+        profile was applied to the layer, else {}."""
+        row = self._applied.get(layer_digest)
+        return {"profile": dict(row)} if row else {}
 
     # -- internals ------------------------------------------------------------------------
 

@@ -134,7 +134,7 @@ async def _apply(bench: Bench, setup) -> tuple[ChunkCache, RemoteBlob, object]: 
 
 def _settled(service: ProfileService, bench: Bench) -> bool:
     """The profile was prefetched, or there was none (or a bad one) and learning began."""
-    row = service.status(bench.layer)
+    row = service.status(bench.layer).get("profile", {})
     image = service._images.get(bench.manifest)
     return "complete" in row or (image is not None and image.recorder is not None)
 
