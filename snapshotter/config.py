@@ -70,6 +70,10 @@ class Config:
     credentials_ttl: float = _opt(
         86400.0, "seconds that pull credentials seen by the CRI proxy are kept; 0 = until removed"
     )
+    prefetch: bool = _opt(
+        True, "prefetch each lazy layer's startup files when it is attached (landmark, "
+        "stargz.prefetch label or prefetch_size)"
+    )
     prefetch_size: str = _opt(
         "0", "bytes prefetched from a layer's start when it has neither a landmark nor the "
         "stargz.prefetch label; 0 = none"
