@@ -36,6 +36,7 @@ FetchRange = Callable[[int, int], Awaitable[bytes]]
 class WarmPolicy:
     """What the daemon's config says about prefetching (see config.py for each key)."""
 
+    prefetch: bool = True  # false: no startup prefetch at all
     prefetch_size: int = 0  # bytes from the layer's start when there is no landmark/label
     prefetch_wait: float = 10.0  # seconds a start waits for its layers' prefetch
     prefetch_parallel: int = 4  # range requests in flight per layer prefetch
@@ -184,7 +185,9 @@ class Warmer:
 
     async def _prefetch(self, layer: _Layer, size: int) -> None:
         toc = layer.toc
-        if toc.prefetch_landmark is not None and toc.prefetch_landmark > toc.toc_offset:
+        if not self.policy.prefetch:
+            plan = PrefetchPlan(end=0, chunks=(), reason="off")
+        elif toc.prefetch_landmark is not None and toc.prefetch_landmark > toc.toc_offset:
             # A hint that cannot be right: ignore it rather than guess what was meant.
             log.warning("%s: prefetch landmark at %d lies beyond the layer's data (%d bytes);"
                         " not prefetching", layer.blob.name, toc.prefetch_landmark,

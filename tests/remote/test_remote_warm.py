@@ -147,6 +147,17 @@ async def test_background_is_off_when_configured(six, cache, fake_source) -> Non
     warmer.detach("A")
 
 
+async def test_prefetch_off_fetches_nothing(six, cache, fake_source) -> None:
+    data, chunks = six
+    source = fake_source(data)
+    warmer = Warmer(WarmPolicy(prefetch=False, background=False))
+    blob = RemoteBlob(source, cache, blob_size=len(data))
+    warmer.attach("A", blob, _toc(chunks, len(data), prefetch_landmark=chunks[3].offset))
+    assert await warmer.wait_ready("A")
+    assert source.calls == [] and warmer.status("A")["prefetch"] == "off: nothing"
+    warmer.detach("A")
+
+
 @pytest.mark.allow_log_errors
 async def test_a_landmark_beyond_the_data_is_rejected(six, cache, fake_source, caplog) -> None:
     data, chunks = six
