@@ -28,6 +28,26 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 
+def vm_kib(field: str) -> int:
+    """VmHWM/VmRSS of this process in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise LookupError(field)
+
+
+# VmHWM, not getrusage: Linux carries ru_maxrss across execve, so a child would report
+# its parent's peak (e.g. after push_layout) if that was higher.
+_CHILD = (
+    "import sys\n"
+    "from snapshotter.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "print(next(int(x.split()[1]) for x in open('/proc/self/status') if x[:6] == 'VmHWM:'))\n"
+    "sys.exit(rc)\n"
+)
+
+
 class _HashingWriter:
     """The tar stream on its way into gzip: its sha256 is the layer's diff_id."""
 
@@ -142,13 +162,7 @@ def peak_rss_of_convert(
     src: str, dst: str, tmp: Path, level: int, extra: tuple[str, ...] = ()
 ) -> tuple[int, float]:
     """(peak RSS in bytes, seconds) of one `lazysnap convert` child."""
-    code = (
-        "import resource, sys\n"
-        "from snapshotter.cli import main\n"
-        "rc = main(sys.argv[1:])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-        "sys.exit(rc)\n"
-    )
+    code = _CHILD
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-c", code, "convert", "-q", "--compression-level", str(level),
@@ -159,7 +173,7 @@ def peak_rss_of_convert(
     took = time.monotonic() - started
     if result.returncode != 0:
         raise SystemExit(f"convert failed ({result.returncode}):\n{result.stderr}")
-    return int(result.stdout.split()[-1]) * 1024, took  # ru_maxrss is KiB on Linux
+    return int(result.stdout.split()[-1]) * 1024, took
 
 
 def _size(text: str) -> int:
@@ -204,6 +218,8 @@ def main() -> int:
             if registry is not None:
                 push_layout(work / "tiny", location("tiny"))
                 push_layout(work / "src", location("src"))
+                print(f"(pushing the source with RegistryClient.push_blob: this process's "
+                      f"peak RSS {vm_kib('VmHWM') / 1024:.1f} MiB)")
             baseline, _ = peak_rss_of_convert(location("tiny"), location("tiny-out"),
                                               work / "scratch", args.level)
             extra: tuple[str, ...] = ()
