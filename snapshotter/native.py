@@ -32,6 +32,7 @@ from snapshotter.cache.chunks import ChunkCache
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss, LazysnapError
 from snapshotter.format.toc import Toc
+from snapshotter.fs.repository import Repository
 from snapshotter.labels import LayerSource
 from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.prefetch import missing_chunks
@@ -61,12 +62,13 @@ class NativeLayers:
 
     def __init__(
         self, root: Path, cache: ChunkCache, mountpoint: Path, *,
-        interval: float = 5.0, delay: float = 0.0,
+        interval: float = 5.0, delay: float = 0.0, repository: Repository | None = None,
     ) -> None:
         self.directory = root / NATIVE_DIR
         self._cache = cache
         self._budget = cache.max_bytes
         self._mountpoint = mountpoint
+        self._repo = repository
         self.interval = interval
         self.delay = delay  # before the first check, e.g. while a profile is recorded
         self._lock = threading.Lock()
@@ -165,6 +167,12 @@ class NativeLayers:
             return
         src = self._mountpoint / layer_id
         tmp = state.path.with_name(state.path.name + ".tmp")
+        # The copy reads every file: it must not be mistaken for a container's reads
+        # when a profile is being learned.
+        attached = self._repo.layer(layer_id) if self._repo is not None else None
+        observer = attached.observer if attached is not None else None
+        if attached is not None:
+            attached.observer = None
         try:
             with trio.fail_after(_COPY_TIMEOUT):
                 await trio.to_thread.run_sync(_copy_and_verify, src, tmp, toc, state.digest)
@@ -173,6 +181,9 @@ class NativeLayers:
             self._uncharge(size)
             await trio.to_thread.run_sync(_rmtree, tmp)
             return
+        finally:
+            if attached is not None and attached.observer is None:
+                attached.observer = observer
         with self._lock:
             if state.gone:
                 ready = False

@@ -300,7 +300,8 @@ async def start_layer_hooks(
     if cfg.native_layers:
         # Not before a profile is learned: copying the layer reads all of it.
         delay = cfg.profile_window + 1.0 if cfg.profile_record else 0.0
-        native = NativeLayers(cfg.root, cache, cfg.root / "repo", interval=2.0, delay=delay)
+        native = NativeLayers(cfg.root, cache, cfg.root / "repo", interval=2.0, delay=delay,
+                              repository=repository)
         await nursery.start(native.run)
         hooks.append(native)
     return hooks
