@@ -36,6 +36,7 @@ __all__ = [
     "PURPOSES",
     "REGISTRY",
     "CacheCollector",
+    "LayerCollector",
     "MetricsAddressInUse",
     "MetricsAddressInvalid",
     "MetricsServer",
@@ -49,6 +50,7 @@ __all__ = [
     "serve",
     "serving",
     "watch_cache",
+    "watch_layers",
 ]
 
 log = logging.getLogger(__name__)
@@ -222,6 +224,56 @@ REGISTRY.register(_CACHE)
 def watch_cache(source: Callable[[], _CacheStatistics] | None) -> None:
     """Report this cache statistics source (e.g. `cache.statistics`) from now on."""
     _CACHE.watch(source)
+
+
+# -- lazy layers, read at scrape time ----------------------------------------------------
+
+class LayerCollector(Collector):
+    """Per lazily attached layer: compressed bytes fetched by purpose and on-demand reads
+    that waited for the network, from rows as `lazysnap status` has them (a callable
+    returning dicts with `layer_digest`, `bytes_on_demand`, `bytes_prefetch`,
+    `bytes_background` and `demand_waits`; rows without them are skipped). One series set
+    per attached layer, as stargz-snapshotter does: a node holds tens of layers, not
+    millions."""
+
+    def __init__(self) -> None:
+        self._source: Callable[[], list[dict[str, Any]]] | None = None
+
+    def watch(self, source: Callable[[], list[dict[str, Any]]] | None) -> None:
+        self._source = source
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        source = self._source
+        if source is None:
+            return
+        fetched = CounterMetricFamily(
+            "lazysnap_layer_fetched_bytes",
+            "Compressed bytes fetched for one lazy layer, by purpose", labels=["layer", "purpose"])
+        waits = CounterMetricFamily(
+            "lazysnap_layer_demand_waits",
+            "On-demand reads of one lazy layer that waited for the network", labels=["layer"])
+        for row in source():
+            if "demand_waits" not in row:
+                continue
+            layer = row["layer_digest"]
+            for purpose, key in (("demand", "bytes_on_demand"), ("prefetch", "bytes_prefetch"),
+                                 ("background", "bytes_background")):
+                fetched.add_metric([layer, purpose], row[key])
+            waits.add_metric([layer], row["demand_waits"])
+        yield fetched
+        yield waits
+
+
+_LAYERS = LayerCollector()
+REGISTRY.register(_LAYERS)
+
+
+def watch_layers(source: Callable[[], list[dict[str, Any]]] | None) -> None:
+    """Report these layer rows (e.g. the daemon's status rows) from now on."""
+    _LAYERS.watch(source)
 
 
 # -- the endpoint ------------------------------------------------------------------------

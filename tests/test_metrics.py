@@ -254,3 +254,28 @@ def test_endpoint_on_a_busy_port_is_a_clear_error() -> None:
         port = busy.getsockname()[1]
         with pytest.raises(AlreadyExists, match=f"127.0.0.1:{port}"):
             metrics.serve(f"127.0.0.1:{port}")
+
+
+def test_layers_are_reported_by_purpose_at_scrape_time() -> None:
+    rows = [
+        {"layer_digest": "sha256:aa", "bytes_on_demand": 5, "bytes_prefetch": 7,
+         "bytes_background": 11, "demand_waits": 2},
+        {"layer_digest": "sha256:bb", "mode": "path"},  # not lazy: nothing to report
+    ]
+    metrics.watch_layers(lambda: rows)
+    try:
+        got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in metrics.REGISTRY.collect() for s in family.samples
+               if s.name.startswith("lazysnap_layer_")}
+    finally:
+        metrics.watch_layers(None)
+    fetched = "lazysnap_layer_fetched_bytes_total"
+    layer = ("layer", "sha256:aa")
+    assert got == {
+        (fetched, (layer, ("purpose", "demand"))): 5,
+        (fetched, (layer, ("purpose", "prefetch"))): 7,
+        (fetched, (layer, ("purpose", "background"))): 11,
+        ("lazysnap_layer_demand_waits_total", (layer,)): 2,
+    }
+    assert not any(s.name.startswith("lazysnap_layer_") for family in metrics.REGISTRY.collect()
+                   for s in family.samples)
