@@ -60,6 +60,11 @@ class _Attached:
     error: str = ""
 
 
+def _generation(source: LayerSource) -> int:
+    """Tells the kernel a reused dir id holds another layer now (fs/repository.py)."""
+    return int(Digest.parse(source.layer_digest).hex[:8], 16)
+
+
 def _reason(exc: BaseException) -> str:
     """A short, countable reason code for a fallback."""
     if isinstance(exc, MissingSourceLabels):
@@ -305,7 +310,7 @@ class FuseRemoteLayers:
             blob = RemoteBlob(fetch, self._cache, blob_size=size,
                               fetch_timeout=self._cfg.fetch_timeout, name=f"layer {digest}")
             tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)
-            self._repo.attach(layer.dir, tree, blob)
+            self._repo.attach(layer.dir, tree, blob, generation=_generation(layer.source))
         except BaseException:
             with self._lock:  # no snapshot uses it: leave no row behind in status
                 if layer.refs == 0 and layer.blob is None:
@@ -367,7 +372,7 @@ class FuseRemoteLayers:
         blob = RemoteBlob(fetch, self._cache, blob_size=h["size"],
                           fetch_timeout=self._cfg.fetch_timeout, name=f"layer {h['digest']}")
         tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)
-        self._repo.attach(layer.dir, tree, blob)
+        self._repo.attach(layer.dir, tree, blob, generation=_generation(layer.source))
         with self._lock:
             layer.blob, layer.error = blob, ""
 

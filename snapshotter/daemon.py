@@ -27,6 +27,7 @@ from snapshotter.cli.status import STATUS_FILE
 from snapshotter.config import Config
 from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.cri import CredentialStore, ImageServiceProxy
+from snapshotter.fs.handoff import HOLDER_SOCKET
 from snapshotter.fs.mount import run_repository
 from snapshotter.fs.repository import Repository
 from snapshotter.registry.client import RegistryClient
@@ -113,10 +114,15 @@ async def _serve(cfg: Config) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 remote = None
+                # The repository mount outlives the daemon (a holder process keeps it, see
+                # fs/handoff.py); a restarted daemon takes it over and must re-attach the
+                # layers before it answers the kernel, whose requests wait meanwhile.
+                restored = trio.Event()
                 if cfg.lazy:
                     repo = Repository()
                     await nursery.start(
-                        partial(run_repository, read_timeout=cfg.read_timeout),
+                        partial(run_repository, read_timeout=cfg.read_timeout,
+                                holder=cfg.root / HOLDER_SOCKET, serve_after=restored),
                         cfg.root / "repo", repo,
                     )
                     remote = FuseRemoteLayers(
@@ -126,6 +132,7 @@ async def _serve(cfg: Config) -> None:
                 # In a worker thread: recovery restores remote layers through the bridge,
                 # which calls back into this trio loop.
                 sn = await trio.to_thread.run_sync(lambda: Snapshotter(cfg.root, remote=remote))
+                restored.set()
                 server = SnapshotServer(sn, cfg.address, mode=int(cfg.socket_mode, 8))
                 server.start()
                 if store is not None:

@@ -13,6 +13,7 @@ connection: the kernel kept the mount, and readers only waited.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -291,19 +292,30 @@ async def _serve(
     serve_after: trio.Event | None, max_tasks: int, task_status: trio.TaskStatus[Path],
 ) -> None:
     """Serve an initialised pyfuse3 session; unmount at the end unless a holder keeps it."""
+    served = False
     try:
         task_status.started(mountpoint)
         if serve_after is not None:
             await serve_after.wait()
+        served = True
         log.info("serving repository at %s", mountpoint)
         await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
         log.info("repository at %s was unmounted from outside", mountpoint)
     finally:
-        if holder is not None:
+        # Unmount only what surely nobody needs: a daemon that stops before it has
+        # restored its layers does not know what the containers use.
+        if holder is not None and (ops.repository.layer_ids() or not served):
+            # Containers may read these layers: keep the mount for the next daemon.
             # Requests this daemon read but did not answer stay with the kernel; the
             # next daemon has them resent. Closing our descriptor leaves the holder's.
             pyfuse3.close(unmount=False)
             log.info("repository at %s left mounted for the next daemon", mountpoint)
+        elif holder is not None:
+            # Nothing to keep: unmount, so that the holder sees the connection end.
+            with trio.CancelScope(shield=True), contextlib.suppress(StaleMount):
+                await _lazy_unmount(mountpoint)
+            pyfuse3.close(unmount=False)
+            log.info("repository at %s closed (no layers attached)", mountpoint)
         else:
             # Lazy unmount (libfuse does MNT_DETACH as root), then closing the device
             # fails every request still pending, so no thread stays blocked on the mount.
