@@ -14,11 +14,11 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -28,6 +28,7 @@ from snapshotter.config import Config
 from snapshotter.core.remote import RemoteRequired
 from snapshotter.digest import Digest
 from snapshotter.format.estargz import InvalidFooter
+from snapshotter.format.toc import Toc
 from snapshotter.fs.repository import Repository
 from snapshotter.fs.tree import LayerTree
 from snapshotter.labels import LayerSource, MissingSourceLabels, layer_source
@@ -37,7 +38,7 @@ from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.layer import TocDigestMissing, load_toc
 from snapshotter.remote.tocstore import TocStore
 
-__all__ = ["FuseRemoteLayers", "LayerFallback"]
+__all__ = ["FuseRemoteLayers", "LayerFallback", "LayerHooks"]
 
 log = logging.getLogger("lazysnap.remote")
 
@@ -46,6 +47,25 @@ T = TypeVar("T")
 
 class LayerFallback(RemoteRequired):
     """A layer could not be served lazily and `require_lazy` forbids the download."""
+
+
+class LayerHooks(Protocol):
+    """Told about lazy layers (`profiles.ProfileService`, `native.NativeLayers`).
+
+    `attached` runs in the trio thread right after a layer is attached (or restored) and
+    must not block; `lowerdir(digest)` (any thread) may name another directory holding
+    the same tree for new mounts, or None; `released(digest)` (any thread) comes after
+    the layer's last snapshot is gone; `status(digest)` adds fields to the status row.
+    """
+
+    def attached(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
+        ...
+
+    def lowerdir(self, digest: str) -> str | None: ...
+
+    def released(self, digest: str) -> None: ...
+
+    def status(self, digest: str) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -97,8 +117,10 @@ class FuseRemoteLayers:
         client: RegistryClient,
         cache: ChunkCache,
         token: trio.lowlevel.TrioToken,
+        hooks: Sequence[LayerHooks] = (),
     ) -> None:
         self._cfg = cfg
+        self._hooks = tuple(hooks)
         self._repo = repository
         self._client = client
         self._cache = cache
@@ -145,6 +167,10 @@ class FuseRemoteLayers:
         h = json.loads(handle)
         if h["mode"] == "path":
             return h["path"]
+        for hook in self._hooks:
+            other = hook.lowerdir(h["digest"])
+            if other is not None:
+                return other
         return str(self._mountpoint / h["dir"])
 
     def check(self, handle: str) -> None:
@@ -173,6 +199,8 @@ class FuseRemoteLayers:
             if layer.refs > 0:
                 return
             del self._layers[h["digest"]]
+        for hook in self._hooks:
+            hook.released(h["digest"])
         if layer.blob is not None:
             self._run(self._detach, layer.dir)
 
@@ -217,6 +245,8 @@ class FuseRemoteLayers:
                 "snapshots": layer.refs,
                 "error": layer.error,
             })
+            for hook in self._hooks:
+                rows[-1].update(hook.status(layer.source.layer_digest))
         return {
             "layers": rows,
             "fallbacks": fallbacks,
@@ -311,6 +341,7 @@ class FuseRemoteLayers:
                               fetch_timeout=self._cfg.fetch_timeout, name=f"layer {digest}")
             tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)
             self._repo.attach(layer.dir, tree, blob, generation=_generation(layer.source))
+            self._tell_attached(layer.dir, layer.source, toc, blob)
         except BaseException:
             with self._lock:  # no snapshot uses it: leave no row behind in status
                 if layer.refs == 0 and layer.blob is None:
@@ -373,8 +404,16 @@ class FuseRemoteLayers:
                           fetch_timeout=self._cfg.fetch_timeout, name=f"layer {h['digest']}")
         tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)
         self._repo.attach(layer.dir, tree, blob, generation=_generation(layer.source))
+        self._tell_attached(layer.dir, layer.source, toc, blob)
         with self._lock:
             layer.blob, layer.error = blob, ""
+
+    def _tell_attached(self, dir_: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
+        for hook in self._hooks:
+            try:
+                hook.attached(dir_, source, toc, blob)
+            except Exception:  # profiles and native dirs are optimisations, never fatal
+                log.exception("layer %s: %s failed", source.layer_digest, type(hook).__name__)
 
     async def _detach(self, dir_: str) -> None:
         self._repo.detach(dir_)

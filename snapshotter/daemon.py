@@ -30,6 +30,7 @@ from snapshotter.cri import CredentialStore, ImageServiceProxy
 from snapshotter.fs.handoff import HOLDER_SOCKET
 from snapshotter.fs.mount import run_repository
 from snapshotter.fs.repository import Repository
+from snapshotter.profiles import start_layer_hooks
 from snapshotter.registry.client import RegistryClient
 from snapshotter.service.server import SnapshotServer
 
@@ -125,9 +126,10 @@ async def _serve(cfg: Config) -> None:
                                 holder=cfg.root / HOLDER_SOCKET, serve_after=restored),
                         cfg.root / "repo", repo,
                     )
+                    hooks = await start_layer_hooks(nursery, cfg, repo, client, cache)
                     remote = FuseRemoteLayers(
                         cfg, repository=repo, client=client, cache=cache,
-                        token=trio.lowlevel.current_trio_token(),
+                        token=trio.lowlevel.current_trio_token(), hooks=hooks,
                     )
                 # In a worker thread: recovery restores remote layers through the bridge,
                 # which calls back into this trio loop.
