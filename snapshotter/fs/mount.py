@@ -32,7 +32,15 @@ from snapshotter.fs import handoff
 from snapshotter.fs.ops import RepositoryOperations
 from snapshotter.fs.repository import Repository
 
-__all__ = ["FSNAME", "MountBusy", "StaleMount", "clear_stale_mount", "mounted", "run_repository"]
+__all__ = [
+    "FSNAME",
+    "MountBusy",
+    "StaleMount",
+    "clear_stale_mount",
+    "mounted",
+    "overlays_using",
+    "run_repository",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +79,33 @@ def _mounts_at(mountpoint: Path) -> list[tuple[str, str]]:
             if point == want:
                 found.append((fields[fields.index("-") + 1], fields[2]))
     return found
+
+
+def overlays_using(mountpoint: Path) -> int:
+    """How many overlay mounts (in our mount namespace) may have lower layers under
+    `mountpoint`; one whose lowerdir is relative counts, as it may be.
+
+    A plain umount(2) cannot tell: overlayfs uses private clones of its lower mounts,
+    so the mount itself never looks busy while containers run on it.
+    """
+    prefix = os.path.abspath(mountpoint) + "/"
+    count = 0
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] != "overlay":
+                continue
+            for option in fields[sep + 3].split(","):
+                name, _, value = option.partition("=")
+                if name not in ("lowerdir", "lowerdir+"):
+                    continue
+                lowers = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), value)
+                if any(p.startswith(prefix) or not p.startswith("/")
+                       for p in lowers.split(":") if p):
+                    count += 1
+                    break
+    return count
 
 
 def mounted(mountpoint: Path) -> list[str]:
@@ -304,8 +339,8 @@ async def _serve(
     finally:
         # Unmount only what surely nobody needs: a daemon that stops before it has
         # restored its layers does not know what the containers use.
-        if holder is not None and (ops.repository.layer_ids() or not served):
-            # Containers may read these layers: keep the mount for the next daemon.
+        if holder is not None and (not served or overlays_using(mountpoint)):
+            # Containers read these layers: keep the mount for the next daemon.
             # Requests this daemon read but did not answer stay with the kernel; the
             # next daemon has them resent. Closing our descriptor leaves the holder's.
             pyfuse3.close(unmount=False)
@@ -315,7 +350,7 @@ async def _serve(
             with trio.CancelScope(shield=True), contextlib.suppress(StaleMount):
                 await _lazy_unmount(mountpoint)
             pyfuse3.close(unmount=False)
-            log.info("repository at %s closed (no layers attached)", mountpoint)
+            log.info("repository at %s closed (no overlay uses it)", mountpoint)
         else:
             # Lazy unmount (libfuse does MNT_DETACH as root), then closing the device
             # fails every request still pending, so no thread stays blocked on the mount.

@@ -25,7 +25,7 @@ import pytest
 from fslayers import BIG, lower_layer
 
 from snapshotter.fs import handoff
-from snapshotter.fs.mount import mounted
+from snapshotter.fs.mount import mounted, overlays_using
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _ENV = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests' / 'fs'}"}
@@ -258,27 +258,44 @@ def test_sigkill_pauses_readers_and_the_next_daemon_answers_them(site: Site) -> 
         big.close()
 
 
+@contextlib.contextmanager
+def _overlay(site: Site) -> Iterator[Path]:
+    """A container's root: an overlay whose lower layer is in the repository."""
+    merged, upper, work = (site.base / name for name in ("merged", "upper", "work"))
+    for d in (merged, upper, work):
+        d.mkdir()
+    options = f"lowerdir={site.mountpoint / '5'},upperdir={upper},workdir={work}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
+                   check=True)
+    try:
+        yield merged
+    finally:
+        subprocess.run(["umount", "-l", str(merged)], check=False)
+
+
 @pytest.mark.fuse
 @pytest.mark.root
-def test_sigterm_keeps_the_mount_for_the_next_daemon(site: Site) -> None:
+def test_sigterm_keeps_the_mount_while_an_overlay_uses_it(site: Site) -> None:
     first = site.daemon()
-    path = site.mountpoint / "5/data/big"
-    with open(path, "rb", buffering=0) as f:
-        assert f.read(100) == BIG[:100]
-        first.stop(signal.SIGTERM)
-        assert first.lines()[-1] == "stopped"
-        assert mounted(site.mountpoint) == ["fuse.lazysnap"]
-        paused = _Read(lambda: os.pread(f.fileno(), 100, 500000))
-        assert paused.outcome(timeout=1.0) is None
-        site.daemon()
-        assert paused.outcome() == BIG[500000:500100]
-    assert path.read_bytes() == BIG
+    with _overlay(site) as merged:
+        assert overlays_using(site.mountpoint) == 1
+        with open(merged / "data/big", "rb", buffering=0) as f:
+            assert f.read(100) == BIG[:100]
+            first.stop(signal.SIGTERM)
+            assert first.lines()[-1] == "stopped"
+            assert mounted(site.mountpoint) == ["fuse.lazysnap"]
+            paused = _Read(lambda: os.pread(f.fileno(), 100, 500000))
+            assert paused.outcome(timeout=1.0) is None
+            site.daemon()
+            assert paused.outcome() == BIG[500000:500100]
+        assert (merged / "data/big").read_bytes() == BIG
 
 
 @pytest.mark.fuse
 @pytest.mark.root
-def test_a_daemon_without_layers_unmounts_when_it_stops(site: Site) -> None:
-    daemon = site.daemon(mode="empty")
+def test_a_daemon_unmounts_when_it_stops_and_no_overlay_uses_the_mount(site: Site) -> None:
+    daemon = site.daemon()
+    assert (site.mountpoint / "5/etc/passwd").read_bytes() == b"root:x:0:0::/root:/bin/sh\n"
     pid = handoff.holder_pid(site.holder)
     assert pid is not None and mounted(site.mountpoint) == ["fuse.lazysnap"]
     daemon.stop(signal.SIGTERM)
