@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
+from snapshotter.format._pathindex import PathIndex
+
 __all__ = [
     "EMPTY_DIGEST",
     "ENTRY_TYPES",
@@ -300,8 +302,8 @@ class TocBuilder:
         self._links = _SparseText()
         self._digests = _SparseText()  # file digests that are not implied by kind flags
         self._odd: dict[int, dict[str, Any]] = {}
-        self._paths: dict[str, int] = {}
-        self._orphans: list[tuple[int, str]] = []  # (row, directory not seen yet)
+        self._paths = PathIndex(self._path)
+        self._orphans: dict[int, str] = {}  # row -> its directory, not seen (yet)
         self._digest = ""  # file digest of the last entry, until its chunks are known
 
     def __len__(self) -> int:
@@ -330,7 +332,7 @@ class TocBuilder:
         if dirname:
             found = self._paths.get(dirname)
             if found is None:
-                self._orphans.append((i, dirname))
+                self._orphans[i] = dirname
             else:
                 parent = found + 1
         self._paths.setdefault(name, i)
@@ -421,6 +423,20 @@ class TocBuilder:
         else:
             self._digests.add(i, digest)
 
+    def _path(self, i: int) -> str:
+        """Row i's full path, from the columns so far (for the path index)."""
+        names, at, parent = self._names, self._name_at, self._parent
+        parts = [names[at[i] : at[i + 1]]]
+        p = parent[i]
+        while p and p != NO_PARENT:
+            i = p - 1
+            parts.append(names[at[i] : at[i + 1]])
+            p = parent[i]
+        if i in self._orphans:
+            parts.append(self._orphans[i].encode())
+        parts.reverse()
+        return b"/".join(parts).decode()
+
     def _chunk_digest(self, j: int) -> str:
         odd = self._c_odd.get(j)
         return odd if odd is not None else _SHA256 + self._c_digest[32 * j : 32 * j + 32].hex()
@@ -438,14 +454,14 @@ class TocBuilder:
         no_prefetch: bool,
     ) -> None:  # fmt: skip
         self._end_file()
-        for i, dirname in self._orphans:  # a parent declared after its child
+        for i, dirname in self._orphans.items():  # a parent declared after its child
             found = self._paths.get(dirname)
             if found is not None and found != i:
                 self._parent[i] = found + 1
             else:
                 self._parent[i] = NO_PARENT
                 self._odd.setdefault(i, {})["dir"] = dirname
-        self._paths, self._orphans = {}, []
+        self._paths, self._orphans = PathIndex(self._path), {}
         self._chunk_at.append(len(self._c_pos))
         toc.columns = TocColumns(
             names=bytes(self._names), name_at=self._name_at, parent=self._parent,

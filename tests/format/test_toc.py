@@ -9,7 +9,7 @@ import pytest
 
 from snapshotter.errors import InvalidArgument
 from snapshotter.format.estargz import InvalidTOC, parse_toc
-from snapshotter.format.toc import Chunk
+from snapshotter.format.toc import EMPTY_DIGEST, Chunk, Entry, Toc
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -420,3 +420,30 @@ def test_memory_per_entry_for_100k_entries() -> None:
     # Columns: base name, a dozen numbers, one chunk row with its 32-byte digest ~ 120 B.
     assert per_entry < 200
     assert peak_per_entry < 1300  # the decoded text (~1 char per JSON byte) is most of it
+
+
+def test_the_columnar_model_gives_back_what_it_was_given() -> None:
+    """`Toc(entries=...)` keeps every field, in order, even those the columns cannot hold."""
+    c1 = Chunk(0, 4, 100, 200, 0, D1)
+    c2 = Chunk(4, 6, 200, 300, 7, "sha512:" + "ab" * 64)
+    entries = [
+        Entry("a/b", "reg", mode=0o644, size=4, digest=D1, chunks=(c1,)),  # before its dir
+        Entry("a", "dir", mode=0o755, uid=1, gid=2, mtime_ns=-(10**19)),  # before 1678
+        Entry("big", "reg", mode=0o1_000_000, size=10, digest=D3, chunks=(c1, c2)),
+        Entry("empty", "reg", digest=EMPTY_DIGEST),
+        Entry("odd", "reg", size=1, digest=D2, chunks=(Chunk(0, 1, 5, 6, 0, "SHA256:X"),)),
+        Entry("nowhere/x", "fifo", xattrs=(("user.a", b"\0\1"),)),  # its dir never comes
+        Entry("l", "symlink", link_name="\udc80 not utf-8 \U0001f600"),
+        Entry("h", "hardlink", link_name="a/b"),
+        Entry("dev", "char", dev_major=1, dev_minor=3),
+        Entry("s", "sock", size=1 << 70),
+        Entry("a", "reg"),  # a duplicate name
+        Entry("", "dir", mode=0o700),
+    ]
+    toc = Toc(entries=entries, toc_offset=5, blob_size=9, prefetch_landmark=3)
+    assert list(toc.entries) == entries
+    assert toc.entries[-1] == entries[-1] and toc.entries[2:4] == entries[2:4]
+    assert [c.digest for c in toc.chunks()] == [D1, D1, c2.digest, "SHA256:X"]
+    assert (toc.toc_offset, toc.blob_size, toc.prefetch_landmark) == (5, 9, 3)
+    assert toc.name(0) == "a/b" and toc.columns.parent[0] == 2  # 1 + row of "a"
+    assert toc.odd_rows == {1, 2, 9}
