@@ -36,10 +36,17 @@ QUIET = ["--no-background-fetch"]
 
 
 @pytest.fixture(scope="module")
-def optimized(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> EstargzImage:
+def pushed(registry: Registry) -> str:
+    push_image(registry.url, "e2e/prefetch", "src", data_image(FILES, seed=21))
+    return "src"
+
+
+@pytest.fixture(scope="module")
+def optimized(
+    registry: Registry, pushed: str, tmp_path_factory: pytest.TempPathFactory
+) -> EstargzImage:
     """FILES converted by `ctr-remote image optimize` with a workload reading hot.bin: the
     files it touched come first in each layer, followed by `.prefetch.landmark`."""
-    push_image(registry.url, "e2e/prefetch", "src", data_image(FILES, seed=21))
     src = f"{registry.host}/e2e/prefetch:src"
     dst = f"{registry.host}/e2e/prefetch:opt"
     with start_stack(tmp_path_factory.mktemp("opt"), REFERENCE, show_logs=False) as stack:
@@ -57,10 +64,11 @@ def optimized(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> E
 
 
 @pytest.fixture(scope="module")
-def plain(registry: Registry, optimized: EstargzImage,
-          tmp_path_factory: pytest.TempPathFactory) -> EstargzImage:
+def plain(
+    registry: Registry, pushed: str, tmp_path_factory: pytest.TempPathFactory
+) -> EstargzImage:
     """The same files converted without a workload (no landmark)."""
-    return convert_and_push(tmp_path_factory.mktemp("conv"), registry, "e2e/prefetch", "src",
+    return convert_and_push(tmp_path_factory.mktemp("conv"), registry, "e2e/prefetch", pushed,
                             "esgz")
 
 
