@@ -1,4 +1,4 @@
-"""Full path -> row while a `TocBuilder` fills a `Toc` (only `format/toc.py` uses it)."""
+"""Full path -> row while a `TocBuilder` fills a `Toc` (only `format/_tocbuild.py` uses it)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from snapshotter.errors import InvalidArgument
 from snapshotter.format._jsonstream import JsonStream
-from snapshotter.format.toc import ENTRY_TYPES, Toc, TocBuilder
+from snapshotter.format._tocbuild import TocBuilder
+from snapshotter.format.toc import ENTRY_TYPES, Toc
 
 __all__ = ["NO_PREFETCH_LANDMARK", "PREFETCH_LANDMARK", "InvalidTOC", "parse_toc"]
 

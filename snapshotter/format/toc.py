@@ -1,8 +1,8 @@
 """The table of contents of a seekable layer, as a compact validated model.
 
-This module owns the model only: `Toc`, `Entry`, `Chunk`, and `TocBuilder` that fills a
-`Toc`. Parsing and validating the eStargz JSON lives in `format/estargz.py`; building
-layers in `format/build.py`. Nothing here does I/O.
+This module owns the model only: `Toc`, `Entry`, `Chunk` (`format/_tocbuild.py` fills a
+`Toc` column by column). Parsing and validating the eStargz JSON lives in
+`format/estargz.py`; building layers in `format/build.py`. Nothing here does I/O.
 
 Paths are normalised: no leading "./" or "/", no trailing "/", the root directory is "".
 Entries appear parents-first; every directory on the way to an entry exists (implicit
@@ -20,12 +20,9 @@ digests as 32 raw bytes) at ~150 bytes per entry, where `Entry`/`Chunk` objects 
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
-
-from snapshotter.format._pathindex import PathIndex
 
 __all__ = [
     "EMPTY_DIGEST",
@@ -36,7 +33,6 @@ __all__ = [
     "Chunk",
     "Entry",
     "Toc",
-    "TocBuilder",
     "TocColumns",
 ]
 
@@ -46,9 +42,9 @@ EMPTY_DIGEST = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7
 NO_PARENT = 0xFFFF_FFFF  # `TocColumns.parent` of an entry whose directory is not in the TOC
 OTHER_TYPE = 7  # `TocColumns.kind & TYPE_MASK` of a type outside ENTRY_TYPES
 TYPE_MASK = 0x07
-_DIGEST_IS_CHUNK = 0x10  # the file's digest is its single chunk's digest
-_DIGEST_IS_EMPTY = 0x20  # the file's digest is EMPTY_DIGEST
-_CODE = {t: i for i, t in enumerate(ENTRY_TYPES)}
+DIGEST_IS_CHUNK = 0x10  # the file's digest is its single chunk's digest
+DIGEST_IS_EMPTY = 0x20  # the file's digest is EMPTY_DIGEST
+TYPE_CODE = {t: i for i, t in enumerate(ENTRY_TYPES)}
 _SHA256 = "sha256:"
 _COLUMN_FIELDS = {"type", "mode", "uid", "gid", "mtime_ns", "size"}
 
@@ -137,6 +133,8 @@ class Toc:
         prefetch_landmark: int | None = None,  # offset of `.prefetch.landmark`, if any
         no_prefetch: bool = False,  # `.no.prefetch.landmark` present
     ) -> None:
+        from snapshotter.format._tocbuild import TocBuilder  # it imports this module
+
         b = TocBuilder()
         for e in entries:
             b.add(
@@ -232,9 +230,9 @@ class Toc:
             raise IndexError(i)
         kind = c.kind[i]
         chunks = tuple(self.chunk(j) for j in self.chunk_range(i))
-        if kind & _DIGEST_IS_CHUNK:
+        if kind & DIGEST_IS_CHUNK:
             digest = chunks[0].digest
-        elif kind & _DIGEST_IS_EMPTY:
+        elif kind & DIGEST_IS_EMPTY:
             digest = EMPTY_DIGEST
         else:
             digest = self._digests.get(i)
@@ -273,246 +271,3 @@ class _Entries(Sequence[Entry]):
     def __iter__(self) -> Iterator[Entry]:
         for i in range(len(self)):
             yield self._toc.entry(i)
-
-
-class TocBuilder:
-    """Fills a `Toc` one entry at a time, for the TOC parser and `Toc(entries=...)`.
-
-    `add` appends an entry; `add_chunk` appends a chunk to the entry added last (so
-    a file's chunks must come right after it). `find` maps a path to its first row while
-    building; the path index is dropped by `build`. The builder checks no format rule:
-    the parser does that, and `fs/tree.py` refuses what cannot be a tree.
-    """
-
-    def __init__(self) -> None:
-        self._names = bytearray()
-        self._name_at = array("I", [0])
-        self._parent = array("I")
-        self._kind = array("B")
-        self._mode = array("H")
-        self._uid = array("I")
-        self._gid = array("I")
-        self._mtime = array("q")
-        self._size = array("Q")
-        self._chunk_at = array("I")
-        self._c_pos, self._c_size = array("Q"), array("Q")
-        self._c_offset, self._c_end, self._c_inner = array("Q"), array("Q"), array("Q")
-        self._c_digest = bytearray()
-        self._c_odd: dict[int, str] = {}
-        self._links = _SparseText()
-        self._digests = _SparseText()  # file digests that are not implied by kind flags
-        self._odd: dict[int, dict[str, Any]] = {}
-        self._paths = PathIndex(self._path)
-        self._orphans: dict[int, str] = {}  # row -> its directory, not seen (yet)
-        self._digest = ""  # file digest of the last entry, until its chunks are known
-
-    def __len__(self) -> int:
-        return len(self._kind)
-
-    def find(self, name: str) -> int | None:
-        return self._paths.get(name)
-
-    def type(self, i: int) -> str:
-        code = self._kind[i] & TYPE_MASK
-        return ENTRY_TYPES[code] if code != OTHER_TYPE else self._odd[i]["type"]
-
-    def link_name(self, i: int) -> str:
-        return self._links.get(i)
-
-    def add(
-        self, name: str, type: str, *, mode: int = 0, uid: int = 0, gid: int = 0,
-        size: int = 0, mtime_ns: int = 0, link_name: str = "", dev_major: int = 0,
-        dev_minor: int = 0, xattrs: tuple[tuple[str, bytes], ...] = (), digest: str = "",
-    ) -> int:  # fmt: skip
-        """Append an entry; returns its row."""
-        self._end_file()
-        i = len(self._kind)
-        dirname, _, base = name.rpartition("/")
-        parent = 0
-        if dirname:
-            found = self._paths.get(dirname)
-            if found is None:
-                self._orphans[i] = dirname
-            else:
-                parent = found + 1
-        self._paths.setdefault(name, i)
-        self._names += base.encode()
-        self._name_at.append(len(self._names))
-        self._parent.append(parent)
-        self._chunk_at.append(len(self._c_pos))
-        code = _CODE.get(type, OTHER_TYPE)
-        self._kind.append(code)
-        odd: dict[str, Any] = {} if code != OTHER_TYPE else {"type": type}
-        try:
-            self._mode.append(mode)
-            self._uid.append(uid)
-            self._gid.append(gid)
-            self._mtime.append(mtime_ns)
-            self._size.append(size)
-        except OverflowError:
-            self._spill(i, odd, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns, size=size)
-        if xattrs:
-            odd["xattrs"] = xattrs
-        if dev_major or dev_minor:
-            odd["dev"] = (dev_major, dev_minor)
-        if odd:
-            self._odd[i] = odd
-        if link_name:
-            self._links.add(i, link_name)
-        self._digest = digest
-        return i
-
-    def _spill(self, i: int, odd: dict[str, Any], **values: int) -> None:
-        """Store values that do not fit their column as 0 there and in full in `odd`."""
-        for key, col in (
-            ("mode", self._mode), ("uid", self._uid), ("gid", self._gid),
-            ("mtime_ns", self._mtime), ("size", self._size),
-        ):  # fmt: skip
-            del col[i:]
-            try:
-                col.append(values[key])
-            except OverflowError:
-                col.append(0)
-                odd[key] = values[key]
-
-    def set_attrs(
-        self, i: int, *, mode: int, uid: int, gid: int, mtime_ns: int,
-        xattrs: tuple[tuple[str, bytes], ...] = (),
-    ) -> None:  # fmt: skip
-        """New attributes for a directory declared again (the later declaration wins)."""
-        self._mode[i], self._uid[i], self._gid[i], self._mtime[i] = mode, uid, gid, mtime_ns
-        odd = self._odd.pop(i, {})
-        odd.pop("xattrs", None)
-        if xattrs:
-            odd["xattrs"] = xattrs
-        if odd:
-            self._odd[i] = odd
-
-    def add_chunk(
-        self, chunk_offset: int, size: int, offset: int, inner_offset: int, digest: str,
-        end: int = 0,
-    ) -> int:  # fmt: skip
-        """Append a chunk of the last entry; returns its row (for `set_chunk_end`)."""
-        j = len(self._c_pos)
-        self._c_pos.append(chunk_offset)
-        self._c_size.append(size)
-        self._c_offset.append(offset)
-        self._c_end.append(end)
-        self._c_inner.append(inner_offset)
-        raw = _raw_sha256(digest)
-        if raw is None:
-            self._c_odd[j] = digest
-            raw = bytes(32)
-        self._c_digest += raw
-        return j
-
-    def set_chunk_end(self, j: int, end: int) -> None:
-        self._c_end[j] = end
-
-    def _end_file(self) -> None:
-        """Record the last entry's file digest now that its chunks are all known."""
-        digest, self._digest = self._digest, ""
-        if not digest:
-            return
-        i = len(self._kind) - 1
-        first = self._chunk_at[i]
-        if len(self._c_pos) - first == 1 and digest == self._chunk_digest(first):
-            self._kind[i] |= _DIGEST_IS_CHUNK
-        elif digest == EMPTY_DIGEST and first == len(self._c_pos):
-            self._kind[i] |= _DIGEST_IS_EMPTY
-        else:
-            self._digests.add(i, digest)
-
-    def _path(self, i: int) -> str:
-        """Row i's full path, from the columns so far (for the path index)."""
-        names, at, parent = self._names, self._name_at, self._parent
-        parts = [names[at[i] : at[i + 1]]]
-        p = parent[i]
-        while p and p != NO_PARENT:
-            i = p - 1
-            parts.append(names[at[i] : at[i + 1]])
-            p = parent[i]
-        if i in self._orphans:
-            parts.append(self._orphans[i].encode())
-        parts.reverse()
-        return b"/".join(parts).decode()
-
-    def _chunk_digest(self, j: int) -> str:
-        odd = self._c_odd.get(j)
-        return odd if odd is not None else _SHA256 + self._c_digest[32 * j : 32 * j + 32].hex()
-
-    def build(
-        self, *, toc_offset: int = 0, blob_size: int = 0,
-        prefetch_landmark: int | None = None, no_prefetch: bool = False,
-    ) -> Toc:  # fmt: skip
-        toc = Toc.__new__(Toc)
-        self._finish(toc, toc_offset, blob_size, prefetch_landmark, no_prefetch)
-        return toc
-
-    def _finish(
-        self, toc: Toc, toc_offset: int, blob_size: int, prefetch_landmark: int | None,
-        no_prefetch: bool,
-    ) -> None:  # fmt: skip
-        self._end_file()
-        for i, dirname in self._orphans.items():  # a parent declared after its child
-            found = self._paths.get(dirname)
-            if found is not None and found != i:
-                self._parent[i] = found + 1
-            else:
-                self._parent[i] = NO_PARENT
-                self._odd.setdefault(i, {})["dir"] = dirname
-        self._paths, self._orphans = PathIndex(self._path), {}
-        self._chunk_at.append(len(self._c_pos))
-        toc.columns = TocColumns(
-            names=bytes(self._names), name_at=self._name_at, parent=self._parent,
-            kind=self._kind, mode=self._mode, uid=self._uid, gid=self._gid,
-            mtime_ns=self._mtime, size=self._size, chunk_at=self._chunk_at,
-        )  # fmt: skip
-        toc._c_pos, toc._c_size, toc._c_offset = self._c_pos, self._c_size, self._c_offset
-        toc._c_end, toc._c_inner = self._c_end, self._c_inner
-        toc._c_digest, toc._c_odd = bytes(self._c_digest), self._c_odd
-        toc._links, toc._digests = self._links.frozen(), self._digests.frozen()
-        toc._odd = self._odd
-        toc.toc_offset, toc.blob_size = toc_offset, blob_size
-        toc.prefetch_landmark, toc.no_prefetch = prefetch_landmark, no_prefetch
-        self.__init__()  # type: ignore[misc]  # the Toc owns the columns now
-
-
-class _SparseText:
-    """Strings for some rows (link targets), in one buffer: a dict of str would leave a
-    small object per link scattered over the heap, pinning the pages freed around it."""
-
-    __slots__ = ("_at", "_rows", "_text")
-
-    def __init__(self) -> None:
-        self._rows = array("I")  # ascending
-        self._at = array("I", [0])
-        self._text: bytes | bytearray = bytearray()
-
-    def add(self, row: int, value: str) -> None:
-        if self._rows and row <= self._rows[-1]:
-            raise ValueError(f"row {row} added out of order")
-        self._rows.append(row)
-        self._text += value.encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates
-        self._at.append(len(self._text))
-
-    def get(self, row: int) -> str:
-        k = bisect_left(self._rows, row)
-        if k == len(self._rows) or self._rows[k] != row:
-            return ""
-        return self._text[self._at[k] : self._at[k + 1]].decode("utf-8", "surrogatepass")
-
-    def frozen(self) -> _SparseText:
-        self._text = bytes(self._text)
-        return self
-
-
-def _raw_sha256(digest: str) -> bytes | None:
-    """The 32 bytes of a lowercase "sha256:<hex>" digest, or None for anything else."""
-    if len(digest) != 71 or not digest.startswith(_SHA256):
-        return None
-    try:
-        raw = bytes.fromhex(digest[7:])
-    except ValueError:
-        return None
-    return raw if raw.hex() == digest[7:] else None
