@@ -37,6 +37,7 @@ from snapshotter.registry.reference import Reference
 from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.layer import TocDigestMissing, load_toc
 from snapshotter.remote.tocstore import TocStore
+from snapshotter.remote.warm import HostPool, Warmer, WarmHooks, WarmPolicy
 
 __all__ = ["FuseRemoteLayers", "LayerFallback", "LayerHooks"]
 
@@ -85,6 +86,15 @@ def _generation(source: LayerSource) -> int:
     return int(Digest.parse(source.layer_digest).hex[:8], 16)
 
 
+def _warm_policy(cfg: Config) -> WarmPolicy:
+    return WarmPolicy(
+        prefetch=cfg.prefetch, prefetch_size=cfg.prefetch_bytes, prefetch_wait=cfg.prefetch_wait,
+        prefetch_parallel=cfg.prefetch_parallel, background=cfg.background_fetch,
+        background_quiet=cfg.background_quiet, background_rate=cfg.background_bytes_per_second,
+        background_concurrency=cfg.background_concurrency,
+    )
+
+
 def _reason(exc: BaseException) -> str:
     """A short, countable reason code for a fallback."""
     if isinstance(exc, MissingSourceLabels):
@@ -120,7 +130,11 @@ class FuseRemoteLayers:
         hooks: Sequence[LayerHooks] = (),
     ) -> None:
         self._cfg = cfg
-        self._hooks = tuple(hooks)
+        # Prefetch and background completion of each attached layer (remote/warm.py; the
+        # daemon runs `warmer.run`); every range request goes through `hosts`.
+        self.warmer = Warmer(_warm_policy(cfg))
+        self.hosts = HostPool(cfg.max_connections_per_host)
+        self._hooks = (*hooks, WarmHooks(self.warmer, token))
         self._repo = repository
         self._client = client
         self._cache = cache
@@ -185,6 +199,8 @@ class FuseRemoteLayers:
         if not attached:
             # Restore found the registry unreachable; try again now that it is needed.
             self._run(self._restore, h)
+        # A container is about to start: its layers' prefetch gets a bounded head start.
+        self._run(self.warmer.wait_ready, h["digest"])
 
     def release(self, handle: str) -> None:
         h = json.loads(handle)
@@ -295,7 +311,9 @@ class FuseRemoteLayers:
 
     def _fetcher(self, source: LayerSource) -> Callable[[int, int], Awaitable[bytes]]:
         ref = Reference.parse(source.image_ref)
-        return partial(self._client.read_blob_range, ref, Digest.parse(source.layer_digest))
+        return self.hosts.limited(
+            ref.host, partial(self._client.read_blob_range, ref, Digest.parse(source.layer_digest))
+        )
 
     async def _one_at_a_time(self, digest: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         lock = self._attaching.setdefault(digest, trio.Lock())

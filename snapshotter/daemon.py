@@ -25,6 +25,7 @@ from snapshotter.bridge import FuseRemoteLayers
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.cli.status import STATUS_FILE
 from snapshotter.config import Config
+from snapshotter.control import CONTROL_SOCKET, ControlServer, prefetch_handler
 from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.cri import CredentialStore, ImageServiceProxy
 from snapshotter.fs.handoff import HOLDER_SOCKET
@@ -120,7 +121,7 @@ async def _serve(cfg: Config) -> None:
                 # layers before it answers the kernel, whose requests wait meanwhile.
                 restored = trio.Event()
                 if cfg.lazy:
-                    repo = Repository()
+                    repo = Repository(readahead_bytes=cfg.readahead_bytes)
                     await nursery.start(
                         partial(run_repository, read_timeout=cfg.read_timeout,
                                 holder=cfg.root / HOLDER_SOCKET, serve_after=restored),
@@ -131,6 +132,9 @@ async def _serve(cfg: Config) -> None:
                         cfg, repository=repo, client=client, cache=cache,
                         token=trio.lowlevel.current_trio_token(), hooks=hooks,
                     )
+                    # Before restore: restored layers resume their background fetch.
+                    await nursery.start(remote.warmer.run)
+                    metrics.watch_layers(partial(_layer_rows, remote))
                 # In a worker thread: recovery restores remote layers through the bridge,
                 # which calls back into this trio loop.
                 sn = await trio.to_thread.run_sync(lambda: Snapshotter(cfg.root, remote=remote))
@@ -142,6 +146,9 @@ async def _serve(cfg: Config) -> None:
                                               store, mode=int(cfg.socket_mode, 8))
                     proxy.start()
                 nursery.start_soon(_status_loop, cfg, remote, cache, store)
+                await nursery.start(ControlServer(cfg.root / CONTROL_SOCKET, {
+                    "prefetch": prefetch_handler(cfg, client, cache, _fetcher(client, remote)),
+                }).run)
                 log.info("lazysnap ready (root %s, lazy %s)", cfg.root, "on" if cfg.lazy else "off")
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -153,6 +160,7 @@ async def _serve(cfg: Config) -> None:
         if metrics_server is not None:
             metrics_server.close()
         metrics.watch_cache(None)
+        metrics.watch_layers(None)
         if proxy is not None:
             await trio.to_thread.run_sync(proxy.stop)
         if server is not None:
@@ -163,6 +171,18 @@ async def _serve(cfg: Config) -> None:
         cache.close()
         (cfg.root / STATUS_FILE).unlink(missing_ok=True)
         log.info("stopped")
+
+
+def _layer_rows(remote: FuseRemoteLayers) -> list[dict[str, Any]]:
+    return list(remote.status()["layers"])
+
+
+def _fetcher(client: RegistryClient, remote: FuseRemoteLayers | None) -> Any:
+    """`lazysnap prefetch` shares the lazy layers' per-host request bound."""
+    if remote is None:
+        return None
+    return lambda ref, digest: remote.hosts.limited(
+        ref.host, partial(client.read_blob_range, ref, digest))
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -25,7 +25,7 @@ from snapshotter.remote.prefetch import (
     prefetch,
 )
 
-__all__ = ["HostPool", "WarmPolicy", "Warmer"]
+__all__ = ["HostPool", "WarmHooks", "WarmPolicy", "Warmer"]
 
 log = logging.getLogger("lazysnap.warm")
 
@@ -228,3 +228,30 @@ class Warmer:
         log.info("%s: background fetch %s (%d bytes)", layer.blob.name, layer.background,
                  result.bytes_fetched)
 
+
+
+class WarmHooks:
+    """`Warmer` as one of the bridge's LayerHooks: a layer attached (or restored) starts
+    warming, its release (from a gRPC thread) stops it, and its status row gains the
+    warming fields."""
+
+    def __init__(self, warmer: Warmer, token: trio.lowlevel.TrioToken) -> None:
+        self.warmer = warmer
+        self._token = token
+
+    def attached(self, layer_id: str, source: Any, toc: Toc, blob: RemoteBlob) -> None:
+        self.warmer.attach(source.layer_digest, blob, toc, prefetch_size=source.prefetch_size)
+
+    def lowerdir(self, digest: str) -> str | None:
+        return None
+
+    def released(self, digest: str) -> None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # not in the trio thread (the usual case: a gRPC thread)
+            trio.from_thread.run_sync(self.warmer.detach, digest, trio_token=self._token)
+        else:
+            self.warmer.detach(digest)
+
+    def status(self, digest: str) -> dict[str, Any]:
+        return self.warmer.status(digest)
