@@ -28,7 +28,7 @@ EXIT_CODES: dict[type[errors.LazysnapError], int] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    from snapshotter.cli import convert, prefetch, profile, serve, status
+    from snapshotter.cli import convert, hold, prefetch, profile, serve, status
 
     parser = argparse.ArgumentParser(prog="lazysnap", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     status.register(sub)
     prefetch.register(sub)
     profile.register(sub)
+    hold.register(sub)
     return parser
 
 

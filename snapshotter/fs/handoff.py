@@ -231,6 +231,7 @@ def serve_holder(path: Path) -> int:
     """
     if holder_pid(path) is not None:
         log.info("a fuse holder answers at %s already", path)
+        _notify_systemd("READY=1")  # nothing to wait for: that holder is ready
         return 0
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

@@ -302,3 +302,38 @@ def test_a_daemon_unmounts_when_it_stops_and_no_overlay_uses_the_mount(site: Sit
     assert daemon.lines()[-1] == "stopped"
     assert mounted(site.mountpoint) == []
     _wait(lambda: not _alive(pid), 5, "the holder to exit")
+
+
+def test_lazysnap_hold_listens_where_the_daemon_looks(site: Site) -> None:
+    """What lazysnap-fuse-holder.service runs: a holder at <root>/fuse-holder.sock."""
+    root = site.base / "root"
+    proc = subprocess.Popen([sys.executable, "-m", "snapshotter", "hold", "--root", str(root)],
+                            env=_ENV, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: handoff.holder_pid(root / handoff.HOLDER_SOCKET) == proc.pid, 20,
+              "lazysnap hold to listen")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_units_keep_the_holder_out_of_the_daemons_cgroup() -> None:
+    """lazysnap.service may be killed whole (control-group) because the holder has a unit
+    of its own, which a restart of lazysnap does not touch."""
+    import configparser
+
+    def unit(name: str) -> configparser.ConfigParser:
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        parser.read(REPO_ROOT / "packaging" / name)
+        return parser
+
+    daemon, holder = unit("lazysnap.service"), unit("lazysnap-fuse-holder.service")
+    holder_name = "lazysnap-fuse-holder.service"
+    assert holder_name in daemon["Unit"]["Wants"].split()
+    assert holder_name in daemon["Unit"]["After"].split()
+    for key in ("Requires", "BindsTo", "PartOf"):  # a restart of lazysnap would reach it
+        assert holder_name not in daemon["Unit"].get(key, "")
+        assert "lazysnap.service" not in holder["Unit"].get(key, "")
+    assert daemon["Service"].get("KillMode", "control-group") == "control-group"
+    assert holder["Service"]["Type"] == "notify"  # lazysnap starts once the socket listens
+    assert holder["Service"]["ExecStart"].split()[:2] == ["/usr/local/bin/lazysnap", "hold"]
