@@ -104,8 +104,11 @@ async def load_toc(
     except trio.TooSlowError:
         raise TocFetchTimeout(f"{name}: toc not fetched within {timeout}s") from None
 
+    held = [member]  # dropped once inflated: the parse's peak is the daemon's
+    del member
+
     def decode() -> Toc:
-        raw = read_toc_json(member, max_size=max_toc_size)
+        raw = read_toc_json(held.pop(), max_size=max_toc_size)
         if toc_digest is not None:
             toc_digest.check(raw, f"{name}: toc")
         toc = parse_toc(raw, blob_size=blob_size, toc_offset=toc_offset, max_entries=max_entries)
