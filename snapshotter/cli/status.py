@@ -68,6 +68,9 @@ def render(doc: dict[str, Any]) -> str:
                 f"on demand: {_size(row['bytes_on_demand'])}, "
                 f"{row['demand_waits']} fetches waited on"
             )
+        extra = _profile_and_native(row)
+        if extra:
+            lines.append(f"    {extra}")
     for fb in doc.get("fallbacks", []):
         lines.append(
             f"{fb['image_ref'][-40:]:40} {fb['layer_digest'][:19]:19} "
@@ -79,6 +82,21 @@ def render(doc: dict[str, Any]) -> str:
                      f"{cache['entries']} chunks; hits {cache['hits']}, misses "
                      f"{cache['misses']}, evictions {cache['evictions']}")
     return "\n".join(lines)
+
+
+def _profile_and_native(row: dict[str, Any]) -> str:
+    """The profile applied to a layer (snapshotter/profiles.py) and its native directory
+    (snapshotter/native.py), when there are."""
+    parts = []
+    profile = row.get("profile")
+    if profile:
+        parts.append(f"profile: {profile['manifest'][:19]} from {profile['from']}, "
+                     f"{profile['chunks']} chunks" + (
+                         f" ({_size(profile['bytes'])} prefetched)" if "bytes" in profile
+                         else ""))
+    if row.get("native"):
+        parts.append(f"native: {row['native']}")
+    return "; ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -52,3 +52,25 @@ def test_a_tampered_file_is_not_imported(tmp_path: Path) -> None:
 def test_export_without_a_profile_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFound, match="no profile"):
         _run("export", MANIFEST, "--root", str(tmp_path))
+
+
+def test_status_shows_the_profile_applied_and_the_native_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import time
+
+    from snapshotter.cli import main
+
+    row = {"image_ref": "r.test/app:1", "layer_digest": LAYER, "mode": "lazy",
+           "path": "/r/repo/1", "size": 1 << 20, "bytes_fetched": 1 << 20,
+           "percent_fetched": 100.0, "cache_hits": 0, "snapshots": 1, "error": "",
+           "profile": {"manifest": MANIFEST, "from": "registry", "chunks": 12,
+                       "fetched_chunks": 12, "bytes": 300 << 10, "complete": True},
+           "native": "/r/native/sha256-ab", "native_in_use": True}
+    doc = {"layers": [row], "fallbacks": [], "time": time.time(), "pid": os.getpid()}
+    (tmp_path / "status.json").write_text(json.dumps(doc))
+    assert main(["status", "--root", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == (f"    profile: {MANIFEST[:19]} from registry, 12 chunks (300.0KiB "
+                        "prefetched); native: /r/native/sha256-ab")
