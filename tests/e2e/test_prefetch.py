@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import data_sha256
-from tests.e2e.daemon_status import layer_rows, status_after
+from tests.e2e.daemon_status import layer_rows, status_after, status_cli
 from tests.e2e.estargz import EstargzImage, blob_data_path, convert_and_push, read_toc
 from tests.e2e.harness import REPO_ROOT, Registry
 from tests.e2e.images import MEDIA_MANIFEST, data_image, push_image
@@ -136,6 +136,9 @@ def test_landmark_layers_prefetch_exactly_up_to_the_landmark(
         assert out.split()[0] == data_sha256("data/hot.bin", FILES, seed=21)
         # What the workload read was prefetched: reading it again fetches (almost) nothing.
         assert proxy.counts().down - before < 64 * 1024
+        assert stack.lazysnap is not None
+        shown = status_cli(stack.lazysnap.root)
+        assert shown.returncode == 0 and "    prefetch: landmark done (" in shown.stdout
 
 
 def test_background_fetch_completes_layers_and_serves_offline(
@@ -153,6 +156,30 @@ def test_background_fetch_completes_layers_and_serves_offline(
         assert data_sha256("data/cold-0.bin", FILES, seed=21) in out
         assert data_sha256("data/cold-1.bin", FILES, seed=21) in out
         proxy.set_mode("forward")
+
+
+def test_on_demand_reads_go_ahead_of_a_running_background_fetch(
+    plain: EstargzImage, tmp_path: Path, proxy: TcpProxy
+) -> None:
+    # A slow background fetch (1 MiB/s for 12 MiB) is still running when the container
+    # reads a file it has not reached: the read must not queue behind it.
+    digests = [str(layer["digest"]) for layer in plain.layers]
+    args = ["--background-quiet", "0.2", "--background-rate", "1MiB",
+            "--background-concurrency", "1"]
+    with start_stack(tmp_path, lazysnap_args=args) as stack:
+        ref = plain.ref(proxy.host)
+        stack.pull(ref, tool="ctr-remote", verb="rpull")
+        data_layer = [str(plain.layers[-1]["digest"])]  # 12 MiB: 12 s of background work
+        _wait_rows(stack, data_layer, lambda r: r.get("background") == "running")
+        started = time.monotonic()
+        out = stack.run(ref, "reader", "sha256sum", "/data/cold-1.bin")
+        took = time.monotonic() - started
+        assert data_sha256("data/cold-1.bin", FILES, seed=21) in out
+        rows = layer_rows(_status(stack, time.time()), digests)
+        print(f"on-demand read of 4 MiB took {took:.1f}s during background fetch: {rows}")
+        assert took < 8  # at the background's 1 MiB/s alone it would take longer
+        assert rows[data_layer[0]]["bytes_on_demand"] > 0
+        assert rows[data_layer[0]]["background"] != "complete"
 
 
 def _prefetch_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
