@@ -26,9 +26,11 @@ from snapshotter import errors
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.config import Config
 from snapshotter.digest import Digest
+from snapshotter.profiles import PROFILES_DIR, ProfileStore
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference
 from snapshotter.remote.imageprefetch import FetchRange, ImagePrefetch, prefetch_images
+from snapshotter.remote.profile import Profile
 
 __all__ = [
     "CONTROL_SOCKET",
@@ -226,9 +228,22 @@ def _prefetch_how(
         client=client, cache=cache, whole=bool(req.get("all")), size=cfg.prefetch_bytes,
         parallel=cfg.prefetch_parallel, timeout=cfg.fetch_timeout,
         max_toc_bytes=cfg.max_toc_bytes, max_toc_entries=cfg.max_toc_entries,
-        fetcher=fetcher, on_event=send,
+        fetcher=fetcher, on_event=send, profiles=_stored_profiles(cfg),
     )
     return images, how
+
+
+def _stored_profiles(cfg: Config) -> Callable[[str], Profile | None]:
+    store = ProfileStore(cfg.root / PROFILES_DIR)
+
+    def load(manifest: str) -> Profile | None:
+        try:
+            return store.load(manifest)
+        except errors.InvalidArgument as exc:  # a hint only: plan without it
+            log.warning("prefetch: stored profile of %s not used: %s", manifest, exc)
+            return None
+
+    return load
 
 
 def prefetch_handler(

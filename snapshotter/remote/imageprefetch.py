@@ -24,6 +24,7 @@ from snapshotter.registry.reference import Reference
 from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.layer import load_toc
 from snapshotter.remote.prefetch import PrefetchPlan, plan_prefetch, plan_whole_layer, prefetch
+from snapshotter.remote.profile import Profile, plan_profile
 
 __all__ = ["TOC_DIGEST_ANNOTATION", "ImagePrefetch", "PrefetchSummary", "prefetch_images"]
 
@@ -69,6 +70,8 @@ class ImagePrefetch:
     max_toc_entries: int = 1_000_000
     fetcher: Callable[[Reference, Digest], FetchRange] | None = None
     on_event: Callable[[Event], None] = lambda event: None
+    # manifest digest -> its learned access profile, if any (snapshotter/profiles.py)
+    profiles: Callable[[str], Profile | None] | None = None
 
 
 @dataclass
@@ -98,12 +101,13 @@ async def prefetch_images(images: Sequence[str], how: ImagePrefetch) -> Prefetch
     seen: set[str] = set()
     for image, ref in zip(images, refs, strict=True):
         manifest = await how.client.get_manifest(ref)
+        profile = how.profiles(str(manifest.digest)) if how.profiles and not how.whole else None
         for desc in manifest.layers:
             if str(desc.digest) in seen:
                 continue
             seen.add(str(desc.digest))
             item = await _plan(image, ref, desc.digest, desc.size,
-                               desc.annotations.get(TOC_DIGEST_ANNOTATION, ""), how)
+                               desc.annotations.get(TOC_DIGEST_ANNOTATION, ""), how, profile)
             if item is None:
                 skipped += 1
                 continue
@@ -142,7 +146,8 @@ async def prefetch_images(images: Sequence[str], how: ImagePrefetch) -> Prefetch
 
 
 async def _plan(
-    image: str, ref: Reference, digest: Digest, size: int, toc_digest: str, how: ImagePrefetch
+    image: str, ref: Reference, digest: Digest, size: int, toc_digest: str, how: ImagePrefetch,
+    profile: Profile | None = None,
 ) -> _Planned | None:
     fetch = how.fetcher(ref, digest) if how.fetcher else _direct(how.client, ref, digest)
     name = f"layer {digest}"
@@ -159,6 +164,9 @@ async def _plan(
         how.on_event({"event": "skip", "image": image, "layer": str(digest), "reason": str(exc)})
         return None
     plan = plan_whole_layer(toc) if how.whole else plan_prefetch(toc, size=how.size)
+    if profile is not None:  # what this image's containers read first, in that order
+        learned = plan_profile(profile, str(digest), toc)
+        plan = learned if learned.chunks else plan
     blob = RemoteBlob(fetch, how.cache, blob_size=size, fetch_timeout=how.timeout, name=name)
     cached = _extent([c for c in plan.chunks if Digest.parse(c.digest) in how.cache])
     return _Planned(image, digest, blob, plan, _extent(plan.chunks), cached)
