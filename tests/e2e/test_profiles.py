@@ -84,7 +84,8 @@ def test_a_learned_profile_travels_through_the_registry_and_warms_a_fresh_node(
     image, other = esgz_data
     ref, other_ref = image.ref(proxy.host), other.ref(proxy.host)
     data_layer = str(image.layers[-1]["digest"])
-    args = ["--profile-window", WINDOW]
+    # No background fetch: what arrives early must be the profile's doing.
+    args = ["--profile-window", WINDOW, "--no-background-fetch"]
 
     # Node one: no profile anywhere; the first run is learned.
     with start_stack(tmp_path / "one", lazysnap_args=args) as one:
@@ -122,6 +123,7 @@ def test_a_learned_profile_travels_through_the_registry_and_warms_a_fresh_node(
         wait_for(prefetched, 30, "the profile's prefetch")
         row = layer_rows(status_after(two.lazysnap.root, time.time()), [data_layer])[data_layer]
         assert row["profile"]["from"] == "registry" and row["profile"]["complete"]
+        assert row["profile"]["bytes"] > 0.9 * baseline  # fetched ahead, in few requests
         proxy.reset()
         _workload(two, ref, "warm")
         during = proxy.counts().down
