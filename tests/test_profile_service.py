@@ -154,8 +154,11 @@ async def test_a_stored_profile_prefetches_its_chunks_on_a_cold_start(bench) -> 
     cache.close()
 
 
-async def test_a_pushed_profile_is_found_in_the_registry(bench) -> None:
+@pytest.mark.parametrize("referrers_api", [False, True], ids=["tag-fallback", "referrers"])
+async def test_a_pushed_profile_is_found_in_the_registry(bench, referrers_api: bool) -> None:
     raw = await _learn(bench)
+    bench.fake.referrers_api = referrers_api
+    bench.fake.seen.clear()
     await push_profile(bench.client, Reference.parse(REF), raw)
 
     async def setup(store: ProfileStore) -> None:
@@ -163,6 +166,25 @@ async def test_a_pushed_profile_is_found_in_the_registry(bench) -> None:
 
     cache, blob, _toc = await _apply(bench, setup)
     assert blob.statistics().bytes_prefetch > 0
+    cache.close()
+    tagged = [s for s in bench.fake.seen if "/manifests/sha256-" in str(s.url)]
+    assert bool(tagged) != referrers_api
+
+
+async def test_a_cri_manifest_digest_label_needs_no_resolving(bench) -> None:
+    service, store, repo, cache, toc, blob, source = await bench.daemon()
+    source = LayerSource(image_ref=REF, layer_digest=bench.layer,
+                         manifest_digest=bench.manifest)
+    bench.fake.seen.clear()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        service.attached("1", source, toc, blob)
+        with trio.fail_after(5):
+            while not _settled(service, bench):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert not [s for s in bench.fake.seen if s.url.path.endswith("/manifests/v1")]
+    del store, repo
     cache.close()
 
 
