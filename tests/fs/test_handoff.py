@@ -34,7 +34,7 @@ _DAEMON = """
 import signal, sys, trio
 from functools import partial
 from pathlib import Path
-from fslayers import FakeChunkReader, lower_layer
+from fslayers import FakeChunkReader, lower_layer, upper_layer
 from snapshotter.fs.mount import run_repository
 from snapshotter.fs.repository import Repository
 
@@ -47,7 +47,10 @@ class Reader(FakeChunkReader):
 async def main():
     mountpoint, holder, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     repo = Repository()
-    if mode != "empty":
+    if mode == "other":  # another layer under the same id, as after a reused dir id
+        layer = upper_layer()
+        repo.attach("5", layer.toc(), Reader(layer.chunks), generation=8)
+    elif mode != "empty":
         layer = lower_layer()
         reader = Reader(layer.chunks)
         reader.set_mode(mode)
@@ -256,6 +259,20 @@ def test_sigkill_pauses_readers_and_the_next_daemon_answers_them(site: Site) -> 
         assert sorted(os.listdir(site.mountpoint)) == ["5"]
     finally:
         big.close()
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+def test_a_reused_layer_id_with_another_generation_shows_the_new_layer(site: Site) -> None:
+    """Dir ids may come back after a restart with another layer; the kernel's cached
+    names and inodes for the old one must not leak into it."""
+    first = site.daemon()
+    hostname = site.mountpoint / "5/etc/hostname"
+    assert hostname.read_bytes() == b"lower\n"  # etc and etc/hostname now cached for a day
+    first.stop(signal.SIGKILL)
+    site.daemon(mode="other")
+    assert hostname.read_bytes() == b"upper\n"
+    assert sorted(os.listdir(site.mountpoint / "5/opq")) == ["kept-by-upper", "new"]
 
 
 @contextlib.contextmanager
