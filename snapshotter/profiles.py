@@ -24,7 +24,7 @@ import trio
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.config import Config
 from snapshotter.digest import Digest
-from snapshotter.errors import InvalidArgument, LazysnapError
+from snapshotter.errors import DataLoss, InvalidArgument, LazysnapError
 from snapshotter.format.toc import Chunk, Entry, Toc
 from snapshotter.fs.repository import Repository
 from snapshotter.labels import LayerSource
@@ -240,8 +240,10 @@ class ProfileService:
             await trio.to_thread.run_sync(partial(self.store.save_raw, raw, what=what))
             log.info("image %s: profile found in the registry (%d chunks)", source.image_ref,
                      len(image.profile.accesses))
-        except LazysnapError as exc:
+        except (InvalidArgument, DataLoss) as exc:  # a profile was there and is bad
             log.warning("image %s: registry profile rejected: %s", source.image_ref, exc)
+        except LazysnapError as exc:  # not found, unauthorized, unreachable: no profile
+            log.info("image %s: no registry profile (%s)", source.image_ref, exc)
 
     async def _apply(self, image: _Image, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
         assert image.profile is not None
