@@ -105,6 +105,7 @@ class _Image:
     recorder: Recorder | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
     looked_up: bool = False
+    settled: bool = False  # the lookup is over: `profile` is what there is
 
 
 class ProfileService:
@@ -187,6 +188,10 @@ class ProfileService:
         if manifest is None:
             return
         image = self._images.setdefault(manifest, _Image(manifest))
+        if self.record and not image.looked_up and image.recorder is None:
+            # Record while the profile is looked up: a slow registry must not cost the
+            # first reads. Dropped if a profile turns up.
+            image.recorder = Recorder(manifest, self.window, image_ref=source.image_ref)
         self._layer_images.setdefault(source.layer_digest, set()).add(manifest)
         layer = self._repo.layer(layer_id)
         if layer is not None:
@@ -195,8 +200,9 @@ class ProfileService:
             if not image.looked_up:
                 image.looked_up = True
                 await self._find(image, source)
-            if image.profile is None and image.recorder is None and self.record:
-                image.recorder = Recorder(manifest, self.window, image_ref=source.image_ref)
+                if image.profile is not None:
+                    image.recorder = None
+                image.settled = True
         if image.profile is not None and self.apply:
             await self._apply(image, source, toc, blob)
 

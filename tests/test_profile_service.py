@@ -136,7 +136,7 @@ def _settled(service: ProfileService, bench: Bench) -> bool:
     """The profile was prefetched, or there was none (or a bad one) and learning began."""
     row = service.status(bench.layer).get("profile", {})
     image = service._images.get(bench.manifest)
-    return "complete" in row or (image is not None and image.recorder is not None)
+    return "complete" in row or (image is not None and image.settled and image.profile is None)
 
 
 async def test_a_stored_profile_prefetches_its_chunks_on_a_cold_start(bench) -> None:
