@@ -86,7 +86,7 @@ class Config:
         True, "fetch the rest of each lazy layer in the background once readers are quiet"
     )
     background_quiet: float = _opt(
-        5.0, "seconds without waiting readers before background fetching starts or resumes"
+        30.0, "seconds without waiting readers before background fetching starts or resumes"
     )
     background_rate: str = _opt("20MiB", "bytes per second for all background fetching; 0 = no cap")
     background_concurrency: int = _opt(2, "layers fetched in the background at once")

@@ -41,7 +41,9 @@ class WarmPolicy:
     prefetch_wait: float = 10.0  # seconds a start waits for its layers' prefetch
     prefetch_parallel: int = 4  # range requests in flight per layer prefetch
     background: bool = True
-    background_quiet: float = 5.0  # seconds without waiting readers before background work
+    # Seconds without waiting readers before background work (stargz's silence period is
+    # 30 s too): startup and bursts of reads keep the network to themselves.
+    background_quiet: float = 30.0
     background_rate: int = 0  # bytes per second for all background work; 0 = no cap
     background_concurrency: int = 2  # layers completed in the background at once
     background_batch: int = BACKGROUND_BATCH
