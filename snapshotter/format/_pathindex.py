@@ -59,10 +59,10 @@ class PathIndex:
         self._count += 1
 
     def _grow(self) -> None:
-        old = list(zip(self._rows, self._hashes, strict=True))
-        size = 2 * len(self._rows)
+        rows, hashes = self._rows, self._hashes
+        size = 2 * len(rows)
         self._rows, self._hashes = array("I", [0]) * size, array("q", [0]) * size
         self._count = 0
-        for r, h in old:
+        for k, r in enumerate(rows):
             if r:
-                self._insert(h, r - 1)
+                self._insert(hashes[k], r - 1)
