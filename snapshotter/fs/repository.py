@@ -204,7 +204,9 @@ class Repository:
         self._memo_size = 0
         self._memo_max = memo_bytes
         self.readahead_bytes = readahead_bytes
-        self._ahead: set[str] = set()  # digests a read-ahead task is fetching
+        # Digests a read-ahead task is fetching -> set when it ends: a reader that catches
+        # up waits for it instead of asking for the same chunk again.
+        self._ahead: dict[str, trio.Event] = {}
         self._ahead_tasks = 0
         self.changed_ns = time.time_ns()  # the root directory's mtime: last attach/detach
 
@@ -320,14 +322,17 @@ class Repository:
                 ahead.append(chunk)
         if not ahead:
             return
-        self._ahead.update(c.digest for c in ahead)
+        done = trio.Event()
+        self._ahead.update((c.digest, done) for c in ahead)
         self._ahead_tasks += 1
         layer.readahead_chunks += len(ahead)
         trio.lowlevel.spawn_system_task(
-            self._fetch_ahead, layer, entry, ahead, name=f"read-ahead {layer.layer_id}"
+            self._fetch_ahead, layer, entry, ahead, done, name=f"read-ahead {layer.layer_id}"
         )
 
-    async def _fetch_ahead(self, layer: AttachedLayer, entry: Entry, ahead: list[Chunk]) -> None:
+    async def _fetch_ahead(
+        self, layer: AttachedLayer, entry: Entry, ahead: list[Chunk], done: trio.Event
+    ) -> None:
         # A system task: it must not raise, and it ends with the run (cancelled then).
         try:
             with trio.move_on_after(_READAHEAD_TIMEOUT):
@@ -340,8 +345,11 @@ class Repository:
         except Exception:
             log.exception("layer %s: read-ahead in %r failed", layer.layer_id, entry.name)
         finally:
-            self._ahead.difference_update(c.digest for c in ahead)
+            for chunk in ahead:
+                if self._ahead.get(chunk.digest) is done:
+                    del self._ahead[chunk.digest]
             self._ahead_tasks -= 1
+            done.set()
 
     async def _fetch(self, layer: AttachedLayer, chunks: Sequence[Chunk]) -> list[bytes]:
         """Chunks from the layer's reader: one batch call if it can, else concurrently."""
@@ -370,6 +378,7 @@ class Repository:
         """Several chunks at once; the first error is raised as itself, not as a group."""
         parts: list[bytes | None] = []
         missing: list[Chunk] = []
+        await self._caught_up(wanted)
         for chunk in wanted:
             data = self._memo.get(chunk.digest)
             if data is not None:
@@ -390,7 +399,15 @@ class Repository:
                     parts[i] = data
         return [p for p in parts if p is not None]
 
+    async def _caught_up(self, chunks: Sequence[Chunk]) -> None:
+        """Wait for read-ahead tasks fetching any of `chunks` (bounded by their timeout)."""
+        for chunk in chunks:
+            pending = self._ahead.get(chunk.digest)
+            if pending is not None:
+                await pending.wait()
+
     async def _chunk(self, layer: AttachedLayer, entry: Entry, chunk: Chunk) -> bytes:
+        await self._caught_up((chunk,))
         data = self._memo.get(chunk.digest)
         if data is not None:
             self._memo.move_to_end(chunk.digest)

@@ -143,3 +143,49 @@ async def test_readahead_tasks_are_bounded() -> None:
     reader.gate.set()
     await trio.testing.wait_all_tasks_blocked()
     assert repo._ahead_tasks == 0
+
+
+# -- over a real RemoteBlob: ranges as the registry sees them ------------------------------
+
+
+async def test_over_a_remote_blob_a_multi_chunk_read_is_one_range_request(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+    import tarfile
+
+    from snapshotter.cache.chunks import ChunkCache
+    from snapshotter.format.build import build_estargz
+    from snapshotter.remote.layer import open_layer
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("big")
+        info.size = len(DATA)
+        tf.addfile(info, io.BytesIO(DATA))
+    out = io.BytesIO()
+    result = build_estargz(io.BytesIO(buf.getvalue()), out, chunk_size=CHUNK)
+    blob_bytes = out.getvalue()
+    ranges: list[tuple[int, int]] = []
+
+    async def fetch_range(start: int, end: int) -> bytes:
+        ranges.append((start, end))
+        return blob_bytes[start:end]
+
+    with ChunkCache(tmp_path / "cache", 64 << 20) as cache:
+        layer = await open_layer(fetch_range, cache, blob_size=len(blob_bytes),
+                                 toc_digest=result.toc_digest, max_toc_size=1 << 20)
+        repo = Repository(readahead_bytes=0)
+        repo.attach("1", layer.toc, layer.blob)
+        attached, entry = _entry(repo, "big")
+        ranges.clear()
+        assert await repo.read(attached, entry, 100, 5 * CHUNK) == DATA[100 : 100 + 5 * CHUNK]
+        assert len(ranges) == 1  # six chunks, one Range GET
+        # Sequential reads with read-ahead: the next chunks come in one more request,
+        # before the reader asks for them.
+        repo.readahead_bytes = 4 * CHUNK
+        off = 100 + 5 * CHUNK
+        await repo.read(attached, entry, off, 4096)  # remembered as the stream's end
+        await repo.read(attached, entry, off + 4096, 4096)
+        for k in range(4):  # they join the read-ahead's request rather than make their own
+            start = (6 + k) * CHUNK
+            assert await repo.read(attached, entry, start, 10) == DATA[start : start + 10]
+        assert len(ranges) == 2
