@@ -127,7 +127,8 @@ async def _serve(cfg: Config) -> None:
                                 holder=cfg.root / HOLDER_SOCKET, serve_after=restored),
                         cfg.root / "repo", repo,
                     )
-                    hooks = await start_layer_hooks(nursery, cfg, repo, client, cache)
+                    hooks = await start_layer_hooks(nursery, cfg, repo, client, cache,
+                                                    restored=restored)
                     remote = FuseRemoteLayers(
                         cfg, repository=repo, client=client, cache=cache,
                         token=trio.lowlevel.current_trio_token(), hooks=hooks,

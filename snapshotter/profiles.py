@@ -127,8 +127,10 @@ class ProfileService:
         apply: bool = True,
         lookup: bool = True,
         parallel: int = 4,
+        after: trio.Event | None = None,
     ) -> None:
         self.store = store
+        self._after = after  # layers attached before it is set are left alone
         self._repo = repository
         self._client = client
         self.window = window
@@ -152,7 +154,8 @@ class ProfileService:
     # -- called by the bridge (trio thread) ----------------------------------------------
 
     def attached(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
-        if not (self.record or self.apply):
+        if not (self.record or self.apply) or (
+                self._after is not None and not self._after.is_set()):
             return
         self._spawn(self._start, layer_id, source, toc, blob)
 
@@ -293,15 +296,19 @@ class ProfileService:
 
 async def start_layer_hooks(
     nursery: trio.Nursery, cfg: Config, repository: Repository, client: RegistryClient,
-    cache: ChunkCache,
+    cache: ChunkCache, *, restored: trio.Event | None = None,
 ) -> list[Any]:
-    """The daemon's layer hooks (bridge.LayerHooks) as configured, started in `nursery`."""
+    """The daemon's layer hooks (bridge.LayerHooks) as configured, started in `nursery`.
+
+    Layers restored at start (before `restored` is set) are not profiled: that is no cold
+    start, and their containers may have been running for long.
+    """
     hooks: list[Any] = []
     if cfg.profile_record or cfg.profile_apply:
         service = ProfileService(
             ProfileStore(cfg.root / PROFILES_DIR), repository, client,
             window=cfg.profile_window, record=cfg.profile_record, apply=cfg.profile_apply,
-            lookup=cfg.profile_lookup,
+            lookup=cfg.profile_lookup, after=restored,
         )
         await nursery.start(service.run)
         hooks.append(service)

@@ -229,3 +229,15 @@ def encode_profile_for(doc: dict, manifest: str) -> bytes:
 
     profile = decode_profile(json.dumps(doc).encode())
     return encode_profile(type(profile)(manifest, profile.accesses, profile.window))
+
+
+async def test_layers_restored_at_start_are_not_profiled(bench) -> None:
+    service, store, repo, cache, toc, blob, source = await bench.daemon()
+    restored = trio.Event()
+    service._after = restored
+    service.attached("1", source, toc, blob)
+    await trio.sleep(0.2)
+    assert repo.layer("1").observer is None  # type: ignore[union-attr]
+    assert not service._images
+    del store
+    cache.close()
