@@ -132,7 +132,7 @@ def test_landmark_layers_prefetch_exactly_up_to_the_landmark(
             assert row["prefetch"] == "landmark done"
             assert row["bytes_prefetch"] == end - first, (row, first, end)
         before = proxy.counts().down
-        out = stack.run(ref, "hot", "sha256sum", "/data/hot.bin")
+        out = stack.run(ref, "pf-hot", "sha256sum", "/data/hot.bin")
         assert out.split()[0] == data_sha256("data/hot.bin", FILES, seed=21)
         # What the workload read was prefetched: reading it again fetches (almost) nothing.
         assert proxy.counts().down - before < 64 * 1024
@@ -152,7 +152,7 @@ def test_background_fetch_completes_layers_and_serves_offline(
         rows = _wait_rows(stack, digests, lambda r: r.get("background") == "complete")
         assert sum(r["bytes_background"] for r in rows.values()) > sum(FILES.values()) * 0.9
         proxy.set_mode("blackhole")  # everything must come from the cache now
-        out = stack.run(ref, "offline", "sha256sum", "/data/cold-0.bin", "/data/cold-1.bin")
+        out = stack.run(ref, "pf-offline", "sha256sum", "/data/cold-0.bin", "/data/cold-1.bin")
         assert data_sha256("data/cold-0.bin", FILES, seed=21) in out
         assert data_sha256("data/cold-1.bin", FILES, seed=21) in out
         proxy.set_mode("forward")
@@ -172,7 +172,7 @@ def test_on_demand_reads_go_ahead_of_a_running_background_fetch(
         data_layer = [str(plain.layers[-1]["digest"])]  # 12 MiB: 12 s of background work
         _wait_rows(stack, data_layer, lambda r: r.get("background") == "running")
         started = time.monotonic()
-        out = stack.run(ref, "reader", "sha256sum", "/data/cold-1.bin")
+        out = stack.run(ref, "pf-reader", "sha256sum", "/data/cold-1.bin")
         took = time.monotonic() - started
         assert data_sha256("data/cold-1.bin", FILES, seed=21) in out
         rows = layer_rows(_status(stack, time.time()), digests)
@@ -208,7 +208,7 @@ def test_prefetch_command_then_cold_start_fetches_nothing(
 
         stack.pull(ref, tool="ctr-remote", verb="rpull")
         before = proxy.counts().down
-        out = stack.run(ref, "cold", "sha256sum", *(f"/{p}" for p in FILES))
+        out = stack.run(ref, "pf-cold", "sha256sum", *(f"/{p}" for p in FILES))
         for path in FILES:
             assert data_sha256(path, FILES, seed=21) in out
         assert proxy.counts().down - before == 0
