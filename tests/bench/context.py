@@ -31,12 +31,19 @@ class Context:
     modes: Sequence[Mode]  # cold-start modes; the baseline (overlayfs) first
     smoke: bool
     log: Callable[[str], None] = print
+    _count: int = 0
 
     def workdir(self, name: str) -> Path:
-        """A fresh, empty directory for one stack: nothing is reused between runs."""
-        d = self.scratch / name
+        """A fresh, empty directory for one stack: nothing is reused between runs.
+
+        Numbered rather than named: the daemon puts unix sockets under its root, and
+        sun_path holds 108 bytes. `name` goes into a file inside, for whoever looks.
+        """
+        self._count += 1
+        d = self.scratch / f"{self._count:04d}"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
+        (d / "what").write_text(name + "\n")
         return d
 
     def image(self, name: str) -> BuiltImage:

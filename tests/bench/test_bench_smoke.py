@@ -7,20 +7,31 @@ good they are: smoke images are tiny and one repetition on a shared machine is n
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.bench.__main__ import PARTS, main
+from tests.e2e.harness import remove_tree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.fuse, pytest.mark.slow]
 
 
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """Short, because the daemon's unix sockets live below it (sun_path is 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="lzb", dir="/tmp"))
+    yield d
+    remove_tree(d)
+
+
 @pytest.mark.timeout(600)
-def test_smoke_run_measures_every_part(tmp_path: Path) -> None:
+def test_smoke_run_measures_every_part(tmp_path: Path, scratch: Path) -> None:
     out = tmp_path / "results" / "results.json"
     status = main(["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-                   "--scratch", str(tmp_path / "scratch")])
+                   "--scratch", str(scratch)])
 
     doc = json.loads(out.read_text())
     assert [n for n in doc["notes"] if "failed" in n] == []
