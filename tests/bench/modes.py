@@ -1,9 +1,11 @@
 """The ways an image gets pulled and run, each on a fresh containerd + snapshotter stack.
 
 - `overlayfs`: containerd's default; `ctr image pull` of the plain gzip image, `ctr run`.
-- `lazysnap`: `ctr-remote image rpull` of the eStargz image, no prefetch.
-- `lazysnap+prefetch`: the same with the daemon's prefetch switched on (`PREFETCH_ARGS`);
-  reported as unavailable until the daemon accepts those flags.
+- `lazysnap`: `ctr-remote image rpull` of the eStargz image, on-demand fetches only:
+  prefetch, background fetch and profile-driven prefetch switched off (`LAZY_ONLY_ARGS`,
+  each passed only if this daemon knows the flag).
+- `lazysnap+prefetch`: the same with the daemon's prefetch features at their defaults
+  (`PREFETCH_ARGS`); reported as unavailable while the daemon lacks `--prefetch`.
 - `lazysnap-gzip`: the plain gzip image through lazysnap (ordinary snapshots): the
   non-lazy overhead.
 - `remote`: any proxy-plugin snapshotter given as a command line with `{address}` and
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import shlex
 import socket
@@ -27,10 +30,13 @@ from pathlib import Path
 from tests.e2e.harness import REPO_ROOT, Containerd, Service, remove_tree, unmount_under, wait_for
 from tests.e2e.stack import REFERENCE, Stack, start_stack
 
-__all__ = ["MODES", "PREFETCH_ARGS", "Mode", "open_stack", "pull", "run_workload"]
+__all__ = ["LAZY_ONLY_ARGS", "MODES", "PREFETCH_ARGS", "Mode", "open_stack", "pull", "run_workload"]
 
-# Flags the prefetch issue is expected to add; the mode is skipped until `serve` knows them.
+# The prefetch mode: the daemon as shipped (startup prefetch, profiles, background fetch).
 PREFETCH_ARGS = ("--prefetch",)
+# The plain lazy mode: nothing but on-demand fetches, so bytes and times measure them alone.
+LAZY_ONLY_ARGS = ("--no-prefetch", "--no-background-fetch", "--no-profile-apply",
+                  "--no-profile-lookup")
 # Benchmarks run the daemon at INFO: DEBUG logging costs time on every FUSE call.
 _DAEMON_ARGS = ("--log-level", "info")
 _TIMEOUT = 1800.0
@@ -42,7 +48,8 @@ class Mode:
     snapshotter: str  # the name containerd knows it by
     esgz: bool  # pulls the eStargz variant of the image
     pull_cmd: tuple[str, ...] = ("ctr", "images", "pull")
-    daemon_args: tuple[str, ...] = ()
+    daemon_args: tuple[str, ...] = ()  # required: the mode is unavailable without them
+    optional_args: tuple[str, ...] = ()  # passed when this daemon knows them
     remote_cmd: str = ""  # for `remote`: the snapshotter's command line
     notes: list[str] = field(default_factory=list, compare=False)
 
@@ -50,10 +57,12 @@ class Mode:
 RPULL = ("ctr-remote", "images", "rpull")
 MODES = {
     "overlayfs": Mode("overlayfs", REFERENCE, esgz=False),
-    "lazysnap": Mode("lazysnap", "lazysnap", esgz=True, pull_cmd=RPULL),
+    "lazysnap": Mode("lazysnap", "lazysnap", esgz=True, pull_cmd=RPULL,
+                     optional_args=LAZY_ONLY_ARGS),
     "lazysnap+prefetch": Mode("lazysnap+prefetch", "lazysnap", esgz=True, pull_cmd=RPULL,
                               daemon_args=PREFETCH_ARGS),
-    "lazysnap-gzip": Mode("lazysnap-gzip", "lazysnap", esgz=False),
+    "lazysnap-gzip": Mode("lazysnap-gzip", "lazysnap", esgz=False,
+                          optional_args=LAZY_ONLY_ARGS),
 }
 
 
@@ -63,16 +72,19 @@ def remote_mode(name: str, command: str, pull: str = "ctr-remote images rpull",
                 remote_cmd=command)
 
 
-def unavailable(mode: Mode) -> str | None:
-    """Why `mode` cannot run on this machine/checkout, or None."""
-    if not mode.daemon_args:
-        return None
+@functools.cache
+def _serve_flags() -> frozenset[str]:
     helptext = subprocess.run(
         [sys.executable, "-m", "snapshotter", "serve", "--help"], capture_output=True,
         text=True, cwd=REPO_ROOT, timeout=60,
     ).stdout
+    return frozenset(re.findall(r"--[a-z][a-z0-9-]*", helptext))
+
+
+def unavailable(mode: Mode) -> str | None:
+    """Why `mode` cannot run on this machine/checkout, or None."""
     for flag in mode.daemon_args:
-        if flag.startswith("--") and flag.split("=")[0] not in helptext:
+        if flag.startswith("--") and flag.split("=")[0] not in _serve_flags():
             return f"`lazysnap serve` has no {flag} flag yet"
     return None
 
@@ -134,7 +146,8 @@ def open_stack(mode: Mode, workdir: Path, extra_daemon_args: Sequence[str] = ()
         with _remote_stack(workdir, mode) as stack:
             yield stack
         return
-    args = (*_DAEMON_ARGS, *mode.daemon_args, *extra_daemon_args)
+    optional = [a for a in mode.optional_args if a.split("=")[0] in _serve_flags()]
+    args = (*_DAEMON_ARGS, *mode.daemon_args, *optional, *extra_daemon_args)
     try:
         with start_stack(workdir, mode.snapshotter, show_logs=False,
                          lazysnap_args=args) as stack:
