@@ -93,3 +93,19 @@ def test_without_a_daemon_the_cache_is_opened_directly(
     assert (tmp_path / "cache").is_dir()
     with ChunkCache(tmp_path / "cache", 1 << 20):  # released again
         pass
+
+
+def test_progress_bars_follow_the_events() -> None:
+    from snapshotter.cli.prefetch import _Bars
+
+    layer = "sha256:" + "a" * 64
+    with _Bars() as bars:
+        bars({"event": "layer", "image": "r/app:v1", "layer": layer, "reason": "all",
+              "total": 1000, "cached": 100})
+        task = bars.tasks[layer]
+        bars({"event": "progress", "layer": layer, "done": 600})
+        assert bars.progress.tasks[task].completed == 600
+        bars({"event": "skip", "image": "r/app:v1", "layer": "sha256:" + "b" * 64,
+              "reason": "not eStargz"})
+        bars({"event": "layer-done", "layer": layer, "fetched": 900, "failed": 0})
+        assert bars.progress.tasks[task].completed == 1000
