@@ -5,19 +5,34 @@ all new) and a fresh shaped link, and drops the page cache, so nothing from the 
 repetition helps. Modes are interleaved within a repetition so that machine noise hits
 them alike. Measured: pull time, time from the start of the pull to the workload's exit,
 and bytes the registry sent through the link. The non-lazy overhead part is the same
-measurement with the plain gzip image pulled through lazysnap (`lazysnap-gzip`).
+measurement with the plain gzip image pulled through lazysnap (`lazysnap-gzip`). For the
+`lazysnap+prefetch` mode each image first gets a learned access profile pushed to the
+registry (`train_profile`), which the mode's fresh daemons look up and prefetch.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
 from tests.bench.catalog import BuiltImage
 from tests.bench.context import Context, daemon_status
 from tests.bench.link import Condition, ShapedLink
-from tests.bench.modes import MODES, Mode, Timer, drop_caches, open_stack, pull, run_workload
+from tests.bench.modes import (
+    MODES,
+    RPULL,
+    Mode,
+    Timer,
+    drop_caches,
+    open_stack,
+    pull,
+    run_workload,
+    serve_knows,
+)
 from tests.bench.results import Record
+from tests.e2e.harness import REPO_ROOT, wait_for
 
 __all__ = ["COLD_IMAGES", "measure_start", "run", "run_nonlazy"]
 
@@ -65,9 +80,40 @@ def measure_start(ctx: Context, part: str, image: BuiltImage, mode: Mode, cond: 
     return metrics
 
 
+def train_profile(ctx: Context, image: BuiltImage) -> None:
+    """Learn which chunks the workload reads and push that profile next to the image.
+
+    The `lazysnap+prefetch` mode's fresh daemons then find it in the registry
+    (`profile_lookup`) and prefetch those chunks on attach: the "optimised image" case.
+    """
+    window = 8.0 if ctx.smoke else 45.0  # must cover the workload's reads
+    wd = ctx.workdir(f"profile-{image.name}")
+    train = Mode("profile-training", "lazysnap", esgz=True, pull_cmd=RPULL)
+    args = ("--profile-record", "--profile-window", str(window), "--no-profile-lookup",
+            "--no-background-fetch", "--no-profile-apply")
+    ref = image.ref(ctx.catalog.registry.host, esgz=True)
+    with open_stack(train, wd, extra_daemon_args=args) as stack:
+        assert stack.lazysnap is not None
+        pull(stack, train, ref)
+        run_workload(stack, ref, "train", image.recipe.cmd)
+        profiles = stack.lazysnap.root / "profiles"
+        wait_for(lambda: profiles.is_dir() and any(profiles.iterdir()), window + 60,
+                 f"a profile of {image.name} in {profiles}", interval=0.5)
+        done = subprocess.run(
+            [sys.executable, "-m", "snapshotter", "profile", "push", ref, "--root",
+             str(stack.lazysnap.root), "--plain-http"],
+            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"lazysnap profile push {ref}: {done.stderr[-1000:]}")
+    ctx.log(f"profile of {image.name} recorded and pushed")
+
+
 def _sweep(ctx: Context, part: str, images: Sequence[str], modes: Sequence[Mode]) -> None:
     for name in images:
         image = ctx.image(name)
+        if any(m.name == "lazysnap+prefetch" for m in modes) and serve_knows("--profile-apply"):
+            train_profile(ctx, image)
         for cond in ctx.conditions:
             for rep in range(ctx.reps):
                 for mode in modes:

@@ -30,13 +30,23 @@ from pathlib import Path
 from tests.e2e.harness import REPO_ROOT, Containerd, Service, remove_tree, unmount_under, wait_for
 from tests.e2e.stack import REFERENCE, Stack, start_stack
 
-__all__ = ["LAZY_ONLY_ARGS", "MODES", "PREFETCH_ARGS", "Mode", "open_stack", "pull", "run_workload"]
+__all__ = [
+    "LAZY_ONLY_ARGS",
+    "MODES",
+    "PREFETCH_ARGS",
+    "RPULL",
+    "Mode",
+    "open_stack",
+    "pull",
+    "run_workload",
+    "serve_knows",
+]
 
 # The prefetch mode: the daemon as shipped (startup prefetch, profiles, background fetch).
 PREFETCH_ARGS = ("--prefetch",)
 # The plain lazy mode: nothing but on-demand fetches, so bytes and times measure them alone.
 LAZY_ONLY_ARGS = ("--no-prefetch", "--no-background-fetch", "--no-profile-apply",
-                  "--no-profile-lookup")
+                  "--no-profile-lookup", "--no-profile-record", "--no-native-layers")
 # Benchmarks run the daemon at INFO: DEBUG logging costs time on every FUSE call.
 _DAEMON_ARGS = ("--log-level", "info")
 _TIMEOUT = 1800.0
@@ -79,6 +89,10 @@ def _serve_flags() -> frozenset[str]:
         text=True, cwd=REPO_ROOT, timeout=60,
     ).stdout
     return frozenset(re.findall(r"--[a-z][a-z0-9-]*", helptext))
+
+
+def serve_knows(flag: str) -> bool:
+    return flag in _serve_flags()
 
 
 def unavailable(mode: Mode) -> str | None:
