@@ -135,7 +135,8 @@ async def _serve(cfg: Config) -> None:
                     )
                     # Before restore: restored layers resume their background fetch.
                     await nursery.start(remote.warmer.run)
-                    metrics.watch_layers(partial(_layer_rows, remote))
+                    metrics.watch_layers(
+                        partial(_layer_rows, remote, trio.lowlevel.current_trio_token()))
                 # In a worker thread: recovery restores remote layers through the bridge,
                 # which calls back into this trio loop.
                 sn = await trio.to_thread.run_sync(lambda: Snapshotter(cfg.root, remote=remote))
@@ -174,8 +175,15 @@ async def _serve(cfg: Config) -> None:
         log.info("stopped")
 
 
-def _layer_rows(remote: FuseRemoteLayers) -> list[dict[str, Any]]:
-    return list(remote.status()["layers"])
+def _layer_rows(
+    remote: FuseRemoteLayers, token: trio.lowlevel.TrioToken
+) -> list[dict[str, Any]]:
+    """For a scrape (the metrics server's thread): status rows are built in the trio
+    thread, where the layer hooks' state lives, as for the status file."""
+    try:
+        return list(trio.from_thread.run_sync(remote.status, trio_token=token)["layers"])
+    except trio.RunFinishedError:
+        return []
 
 
 def _fetcher(client: RegistryClient, remote: FuseRemoteLayers | None) -> Any:

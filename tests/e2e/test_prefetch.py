@@ -18,11 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import data_sha256
 from tests.e2e.daemon_status import layer_rows, status_after, status_cli
 from tests.e2e.estargz import EstargzImage, blob_data_path, convert_and_push, read_toc
-from tests.e2e.harness import REPO_ROOT, Registry
+from tests.e2e.harness import REPO_ROOT, Registry, free_port
 from tests.e2e.images import MEDIA_MANIFEST, data_image, push_image
 from tests.e2e.proxy import TcpProxy
 from tests.e2e.stack import REFERENCE, Stack, start_stack
@@ -116,7 +117,9 @@ def test_landmark_layers_prefetch_exactly_up_to_the_landmark(
     digests = [str(layer["digest"]) for layer in optimized.layers]
     marks = {str(layer["digest"]): _landmark(registry, layer) for layer in optimized.layers}
     assert any(m is not None for m in marks.values()), "optimize made no landmark"
-    with start_stack(tmp_path, lazysnap_args=QUIET) as stack:
+    port = free_port()
+    args = [*QUIET, "--metrics-address", f"127.0.0.1:{port}"]
+    with start_stack(tmp_path, lazysnap_args=args) as stack:
         ref = optimized.ref(proxy.host)
         stack.pull(ref, tool="ctr-remote", verb="rpull")
         rows = _wait_rows(stack, digests, lambda r: r.get("prefetch", "").endswith(
@@ -139,6 +142,13 @@ def test_landmark_layers_prefetch_exactly_up_to_the_landmark(
         assert stack.lazysnap is not None
         shown = status_cli(stack.lazysnap.root)
         assert shown.returncode == 0 and "    prefetch: landmark done (" in shown.stdout
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        prefetched = {
+            s.labels["layer"]: s.value
+            for family in text_string_to_metric_families(scraped) for s in family.samples
+            if s.name == "lazysnap_layer_fetched_bytes_total" and s.labels["purpose"] == "prefetch"
+        }
+        assert prefetched == {d: float(rows[d]["bytes_prefetch"]) for d in digests}
 
 
 def test_background_fetch_completes_layers_and_serves_offline(
