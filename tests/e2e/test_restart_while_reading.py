@@ -55,8 +55,24 @@ def _evict(files: list[Path]) -> None:
 
 
 def _more_reads(out: Path, than: int, what: str, timeout: float = 60.0) -> int:
-    wait_for(lambda: len(_reads(out)) >= than + len(FILES), timeout, what, interval=0.1)
+    try:
+        wait_for(lambda: len(_reads(out)) >= than + len(FILES), timeout, what, interval=0.1)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; the reader waits in:\n{_reader_stacks()}") from None
     return len(_reads(out))
+
+
+def _reader_stacks() -> str:
+    """Where the container's processes wait in the kernel: tells a lost FUSE request
+    (request_wait_answer) from anything else."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "sha256sum":
+                found.append(f"pid {entry.name}:\n{(entry / 'stack').read_text()}")
+        except OSError:
+            continue
+    return "\n".join(found) or "(no sha256sum running)"
 
 
 def test_reads_never_fail_while_the_daemon_is_killed_and_restarted(
