@@ -74,8 +74,11 @@ install -d "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/etc/lazysnap" \
   "$stage/etc/containerd/conf.d" "$stage/usr/share/doc/lazysnap"
 ln -s "$prefix/bin/lazysnap" "$stage/usr/bin/lazysnap"
 # The unit names the command where a source install puts it; the package puts it in /usr/bin.
-sed 's|/usr/local/bin/lazysnap|/usr/bin/lazysnap|g' "$repo/packaging/lazysnap.service" \
-  > "$stage/lib/systemd/system/lazysnap.service"
+# The daemon and the holder that keeps its FUSE connection across restarts.
+for unit in lazysnap.service lazysnap-fuse-holder.service; do
+  sed 's|/usr/local/bin/lazysnap|/usr/bin/lazysnap|g' "$repo/packaging/$unit" \
+    > "$stage/lib/systemd/system/$unit"
+done
 install -m 0644 "$repo/packaging/config.toml" "$stage/etc/lazysnap/config.toml"
 install -m 0644 "$repo/packaging/containerd/lazysnap.toml" "$stage/etc/containerd/conf.d/lazysnap.toml"
 install -m 0644 "$src/README.md" "$stage/usr/share/doc/lazysnap/README.md"

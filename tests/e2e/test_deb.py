@@ -174,6 +174,7 @@ def test_deb_contents_and_metadata(deb: Path) -> None:
     assert "python3 (>= 3.11)" in info
     listing = _run("dpkg-deb", "--contents", str(deb)).stdout
     for path in ["./opt/lazysnap/bin/lazysnap", "./lib/systemd/system/lazysnap.service",
+                 "./lib/systemd/system/lazysnap-fuse-holder.service",
                  "./etc/lazysnap/config.toml", "./etc/containerd/conf.d/lazysnap.toml",
                  "./usr/share/doc/lazysnap/README.packaging.md"]:
         assert f" {path}\n" in listing or f" {path} " in listing, path
