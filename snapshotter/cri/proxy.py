@@ -17,7 +17,7 @@ import grpc
 
 from snapshotter.cri.pull import InvalidPullRequest, parse_pull, parse_remove
 from snapshotter.cri.store import CredentialStore
-from snapshotter.service.server import AddressInUse, _claim
+from snapshotter.service.server import bind_unix
 
 __all__ = ["IMAGE_SERVICES", "ImageServiceProxy"]
 
@@ -80,14 +80,7 @@ class ImageServiceProxy:
         )
 
     def start(self) -> None:
-        _claim(self.address)
-        old = os.umask(0o777 & ~self._mode)
-        try:
-            port = self._server.add_insecure_port(f"unix://{self.address}")
-        finally:
-            os.umask(old)
-        if port == 0:
-            raise AddressInUse(f"socket {self.address}: could not bind")
+        bind_unix(self._server, self.address, self._mode)
         self._bound = True
         self._server.start()
         os.chmod(self.address, self._mode)

@@ -18,7 +18,7 @@ from snapshotter.service._proto.containerd.services.snapshots.v1 import (
 )
 from snapshotter.service.snapshots import SnapshotsServicer
 
-__all__ = ["AddressInUse", "SnapshotServer"]
+__all__ = ["AddressInUse", "SnapshotServer", "bind_unix"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,22 @@ def _claim(path: Path) -> None:
     raise AddressInUse(f"socket {path} is in use by another process (is lazysnap running?)")
 
 
+def bind_unix(server: grpc.Server, address: Path, mode: int) -> None:
+    """Claim `address` (never stealing a live socket) and bind `server` to it.
+
+    The socket is created under a umask giving exactly `mode`, so there is no window in
+    which it is more open than asked.
+    """
+    _claim(address)
+    old = os.umask(0o777 & ~mode)
+    try:
+        port = server.add_insecure_port(f"unix://{address}")
+    finally:
+        os.umask(old)
+    if port == 0:
+        raise AddressInUse(f"socket {address}: could not bind")
+
+
 class SnapshotServer:
     def __init__(
         self, sn: Snapshotter, address: Path, *, mode: int = 0o660, workers: int = 16
@@ -66,15 +82,7 @@ class SnapshotServer:
         pb_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(sn), self._server)
 
     def start(self) -> None:
-        _claim(self.address)
-        # The socket is created with the umask's bits; no window where it is world-writable.
-        old = os.umask(0o777 & ~self._mode)
-        try:
-            port = self._server.add_insecure_port(f"unix://{self.address}")
-        finally:
-            os.umask(old)
-        if port == 0:
-            raise AddressInUse(f"socket {self.address}: could not bind")
+        bind_unix(self._server, self.address, self._mode)
         self._bound = True
         self._server.start()
         os.chmod(self.address, self._mode)
