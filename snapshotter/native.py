@@ -36,6 +36,7 @@ from snapshotter.fs.repository import Repository
 from snapshotter.labels import LayerSource
 from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.prefetch import missing_chunks
+from snapshotter.remote.taskhost import TaskHost
 
 __all__ = ["NATIVE_DIR", "NativeLayers"]
 
@@ -57,7 +58,7 @@ class _Native:
     gone: bool = False
 
 
-class NativeLayers:
+class NativeLayers(TaskHost):
     """Materialises complete layers; thread-safe `lowerdir`/`released` for gRPC threads."""
 
     def __init__(
@@ -73,16 +74,6 @@ class NativeLayers:
         self.delay = delay  # before the first check, e.g. while a profile is recorded
         self._lock = threading.Lock()
         self._layers: dict[str, _Native] = {}
-        self._nursery: trio.Nursery | None = None
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
 
     def path(self, digest: str) -> Path:
         d = Digest.parse(digest)

@@ -41,6 +41,7 @@ from snapshotter.remote.profile import (
     plan_profile,
 )
 from snapshotter.remote.profile_oci import find_profile
+from snapshotter.remote.taskhost import TaskHost
 
 __all__ = ["PROFILES_DIR", "ProfileService", "ProfileStore", "start_layer_hooks"]
 
@@ -108,7 +109,7 @@ class _Image:
     settled: bool = False  # the lookup is over: `profile` is what there is
 
 
-class ProfileService:
+class ProfileService(TaskHost):
     """Learns and applies profiles for the layers attached to `repository`.
 
     Call `attached(layer_id, source, toc, blob)` in the trio thread right after a layer
@@ -140,16 +141,6 @@ class ProfileService:
         self._layer_images: dict[str, set[str]] = {}  # layer digest -> manifest digests
         self._resolved: dict[str, tuple[str, float]] = {}  # image ref -> (manifest, when)
         self._applied: dict[str, dict[str, Any]] = {}  # layer digest -> what was prefetched
-        self._nursery: trio.Nursery | None = None
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
 
     # -- called by the bridge (trio thread) ----------------------------------------------
 

@@ -24,6 +24,7 @@ from snapshotter.remote.prefetch import (
     plan_prefetch,
     prefetch,
 )
+from snapshotter.remote.taskhost import TaskHost
 
 __all__ = ["HostPool", "WarmHooks", "WarmPolicy", "Warmer"]
 
@@ -82,7 +83,7 @@ class HostPool:
         return fetch_range
 
 
-class Warmer:
+class Warmer(TaskHost):
     """Starts, tracks and stops the warming of each attached layer.
 
     Lifecycle: `await nursery.start(warmer.run)` in the daemon; then, in the trio thread,
@@ -108,16 +109,6 @@ class Warmer:
         self.gauge = DemandGauge()
         self._layers: dict[str, _Layer] = {}
         self._background = trio.CapacityLimiter(max(1, policy.background_concurrency))
-        self._nursery: trio.Nursery | None = None
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
 
     def attach(
         self, key: str, blob: RemoteBlob, toc: Toc, *, prefetch_size: int | None = None
