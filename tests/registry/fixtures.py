@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -167,8 +165,13 @@ def run_registry(
     )
     binary = REGISTRY_BIN if Path(REGISTRY_BIN).exists() else "docker-registry"
     with server.log_path.open("wb") as log:
+        # If pytest itself is killed (SIGKILL, CI timeout), no finally runs: the kernel stops
+        # the registry instead (parent-death signal). setpriv sets it in the child, because a
+        # Python preexec_fn forces a plain fork(), and grpcio's fork handlers can abort the
+        # child of a process that has gRPC channels open (seen: exit -6 before exec).
         proc = subprocess.Popen(
-            [binary, "serve", str(config)], stdout=log, stderr=log, preexec_fn=_die_with_parent
+            ["setpriv", "--pdeathsig", "TERM", "--", binary, "serve", str(config)],
+            stdout=log, stderr=log,
         )
     try:
         _wait_ready(server, proc)
@@ -182,13 +185,6 @@ def run_registry(
             proc.wait(timeout=10)
         if token_server is not None:
             token_server.stop()
-
-
-def _die_with_parent() -> None:
-    # If pytest itself is killed (SIGKILL, CI timeout), no finally runs: let the kernel
-    # stop the registry instead of leaving it behind.
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _wait_ready(server: RegistryServer, proc: subprocess.Popen[bytes]) -> None:
