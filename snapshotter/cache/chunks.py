@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 _ALGORITHMS = ("sha256", "sha512")
+# A hit bumps the chunk file's times at most once per this many seconds: a syscall and
+# an inode write per read would cost more than the read itself on the cached path.
+_TOUCH_INTERVAL = 600.0
 
 
 class CacheInUse(FailedPrecondition):
@@ -62,10 +66,18 @@ class ChunkCache:
 
     Layout: `<root>/<algorithm>/<hex[:2]>/<hex>`, one file per chunk, plus `<root>/tmp/`
     for writes in progress and `<root>/lock`. Nothing enters the store unverified: `put`
-    hashes the bytes first and raises DataLoss on mismatch. `get` re-hashes what it reads,
-    so a file damaged on disk is removed, counted as `corrupt`, and reported as a miss
-    (the caller refetches). Writes go to a temp file, are fsynced, then renamed into place,
-    so a crash leaves either the whole chunk or nothing.
+    hashes the bytes first and raises DataLoss on mismatch. Writes go to a temp file and
+    are renamed into place, so a reader sees a whole file or none.
+
+    Verification is once per chunk per process, not once per read: a chunk stored by this
+    process, or read whole and found to match, is "verified", and later reads of it
+    (`read_range`, `get`) only check its size and `pread` what they need. This keeps
+    hashing off the cached read path (a 4 KiB read of a 4 MiB chunk costs one pread, not
+    4 MiB of hashing) while still catching what the disk may have done between runs:
+    after a restart every chunk is verified again on its first read, and one that fails
+    is removed, counted as `corrupt`, and reported as a miss (the caller refetches). For
+    the same reason writes are not fsynced: a file torn by a power loss is caught by that
+    first read instead of costing an fsync per fetched chunk.
 
     LRU order is kept in memory and rebuilt at start from file times (newest use last);
     a hit bumps the file's times so the order survives restarts. After each store, the
@@ -78,6 +90,7 @@ class ChunkCache:
 
         cache = ChunkCache(root / "cache", max_bytes=10 << 30)
         data = await cache.get_or_fetch(digest, fetch, what="chunk sha256:ab.. of layer x")
+        part = await cache.aread_range(digest, 4096, 8192)  # None on a miss
     """
 
     def __init__(self, root: Path, max_bytes: int) -> None:
@@ -90,6 +103,9 @@ class ChunkCache:
         self._bytes = 0
         self._hits = self._misses = self._evictions = self._corrupt = 0
         self._flights: dict[Digest, _Flight] = {}
+        self._verified: set[Digest] = set()  # checked whole by this process (see above)
+        self._touched: set[Digest] = set()  # file times bumped since _touch_epoch
+        self._touch_epoch = time.monotonic()
         self._closed = False
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
@@ -152,35 +168,94 @@ class ChunkCache:
         # I/O. A dict lookup is atomic under the GIL; the answer is a hint either way.
         return digest in self._lru
 
+    def verified(self, digest: Digest) -> bool:
+        """Whether `read_range(digest, ...)` is one pread (no hashing); lock-free hint."""
+        return digest in self._verified
+
     def get(self, digest: Digest) -> bytes | None:
         """The verified bytes of `digest`, or None (absent, vanished, or corrupt)."""
         self._check_open()
+        size = self._hit(digest)
+        if size is None:
+            return None
+        try:
+            data = self.path(digest).read_bytes()
+        except FileNotFoundError:
+            return self._lost(digest)
+        if digest in self._verified:
+            if len(data) != size:
+                return self._reject(digest, f"has {len(data)} bytes, expected {size}")
+        elif not _matches(digest, data):
+            return self._reject(digest, "failed verification")
+        else:
+            self._verified.add(digest)
+        return self._count_hit(digest, data)
+
+    def read_range(self, digest: Digest, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) of the chunk `digest`, or None (absent, vanished, corrupt).
+
+        A chunk not yet verified by this process is read whole and verified first; after
+        that, a read is one `pread` of the range. `end` past the chunk's size is clipped.
+        """
+        self._check_open()
+        if digest not in self._verified:
+            data = self.get(digest)
+            return None if data is None else data[start:end]
+        size = self._hit(digest)
+        if size is None:
+            return None
+        end = min(end, size)
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return self._lost(digest)
+        try:
+            if os.fstat(fd).st_size != size:
+                return self._reject(digest, f"changed size on disk (expected {size} bytes)")
+            data = os.pread(fd, max(0, end - start), start) if end > start else b""
+        finally:
+            os.close(fd)
+        return self._count_hit(digest, data)
+
+    def _hit(self, digest: Digest) -> int | None:
+        """The chunk's size if it is indexed (bumped to most recently used), else None."""
         with self._lock:
-            if digest not in self._lru:
+            size = self._lru.get(digest)
+            if size is None:
                 self._misses += 1
                 return None
             self._lru.move_to_end(digest)
-        path = self.path(digest)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            with self._lock:
-                self._forget_locked(digest)
-                self._misses += 1
-            return None
-        if not _matches(digest, data):
-            log.warning("chunk cache %s: %s failed verification; removed", self.root, digest)
-            with self._lock:
-                self._corrupt += 1
-                self._misses += 1
-                self._forget_locked(digest)
-                self._unlink([digest])
-            return None
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(path)  # so the LRU order survives a restart
+            return size
+
+    def _count_hit(self, digest: Digest, data: bytes) -> bytes:
         with self._lock:
             self._hits += 1
+            now = time.monotonic()
+            if now - self._touch_epoch > _TOUCH_INTERVAL:
+                self._touched.clear()
+                self._touch_epoch = now
+            touch = digest not in self._touched
+            self._touched.add(digest)
+        if touch:  # so the LRU order survives a restart, to within _TOUCH_INTERVAL
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.path(digest))
         return data
+
+    def _lost(self, digest: Digest) -> None:
+        """The file vanished under the index (removed by hand): forget it, count a miss."""
+        with self._lock:
+            self._forget_locked(digest)
+            self._misses += 1
+        return None
+
+    def _reject(self, digest: Digest, why: str) -> None:
+        log.warning("chunk cache %s: %s %s; removed", self.root, digest, why)
+        with self._lock:
+            self._corrupt += 1
+            self._misses += 1
+            self._forget_locked(digest)
+            self._unlink([digest])
+        return None
 
     def put(self, digest: Digest, data: bytes, *, what: str = "chunk") -> None:
         """Verify `data` against `digest` (DataLoss on mismatch), then store it."""
@@ -211,6 +286,11 @@ class ChunkCache:
     async def aget(self, digest: Digest) -> bytes | None:
         # Abandoning a read is harmless: the thread finishes and its result is dropped.
         return await trio.to_thread.run_sync(self.get, digest, abandon_on_cancel=True)
+
+    async def aread_range(self, digest: Digest, start: int, end: int) -> bytes | None:
+        return await trio.to_thread.run_sync(
+            self.read_range, digest, start, end, abandon_on_cancel=True
+        )
 
     async def aput(self, digest: Digest, data: bytes, *, what: str = "chunk") -> None:
         await trio.to_thread.run_sync(lambda: self.put(digest, data, what=what))
@@ -289,9 +369,7 @@ class ChunkCache:
         fd, tmp = _mkstemp(self._tmp, digest.hex)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                f.write(data)  # no fsync: see the class docstring
             # Rename and unlink under the lock so the index and the directory agree;
             # trio never waits for this lock (see __contains__).
             with self._lock:
@@ -301,6 +379,7 @@ class ChunkCache:
                 os.replace(tmp, final)
                 tmp = None
                 self._lru[digest] = len(data)
+                self._verified.add(digest)
                 self._bytes += len(data)
                 self._unlink(self._evict_locked())
         finally:
@@ -309,6 +388,7 @@ class ChunkCache:
                     os.unlink(tmp)
 
     def _forget_locked(self, digest: Digest) -> None:
+        self._verified.discard(digest)
         size = self._lru.pop(digest, None)
         if size is not None:
             self._bytes -= size
@@ -318,6 +398,7 @@ class ChunkCache:
         victims = []
         while self._bytes > self.max_bytes and self._lru:
             digest, size = self._lru.popitem(last=False)
+            self._verified.discard(digest)
             self._bytes -= size
             self._evictions += 1
             victims.append(digest)

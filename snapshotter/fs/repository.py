@@ -25,6 +25,7 @@ __all__ = [
     "REPOSITORY_ROOT",
     "AttachedLayer",
     "BatchChunkReader",
+    "CachedChunkReader",
     "ChunkReader",
     "LayerExists",
     "LayerNotFound",
@@ -72,6 +73,17 @@ class BatchChunkReader(ChunkReader, Protocol):
         ...
 
 
+class CachedChunkReader(ChunkReader, Protocol):
+    """A ChunkReader with a local cache it can read part of a chunk from.
+
+    `await read_cached(chunk, start, end)` returns bytes [start, end) of the chunk's
+    verified content if it is at hand locally, else None (the repository then asks
+    `read_chunk`). It must be cheap: the cached read path of a FUSE read is one call.
+    """
+
+    async def read_cached(self, chunk: Chunk, start: int, end: int) -> bytes | None: ...
+
+
 ReadObserver = Callable[[Entry, Chunk], None]
 """`observer(entry, chunk)`: a reader asked for `chunk` of `entry`; must not block or raise."""
 
@@ -96,6 +108,7 @@ class LayerStatistics:
     bytes_read: int  # bytes returned to the kernel by read requests
     chunks_read: int  # chunks asked of the layer's ChunkReader
     memo_hits: int  # chunks served from the repository's in-memory memo instead
+    cache_hits: int  # chunk pieces read straight from the reader's local cache
     read_errors: int  # read requests that failed (error or timeout)
     open_files: int
     readahead_chunks: int = 0  # chunks asked for ahead of sequential readers
@@ -106,6 +119,7 @@ class AttachedLayer:
 
     __slots__ = (
         "bytes_read",
+        "cache_hits",
         "chunks_read",
         "generation",
         "layer_id",
@@ -128,7 +142,7 @@ class AttachedLayer:
         self.generation = generation
         self.tree = tree
         self.reader = reader
-        self.bytes_read = self.chunks_read = self.memo_hits = 0
+        self.bytes_read = self.chunks_read = self.memo_hits = self.cache_hits = 0
         self.read_errors = self.open_files = self.readahead_chunks = 0
         # Told of every chunk a reader asks for (not read-ahead), e.g. to learn a profile.
         self.observer: ReadObserver | None = None
@@ -146,6 +160,7 @@ class AttachedLayer:
             bytes_read=self.bytes_read,
             chunks_read=self.chunks_read,
             memo_hits=self.memo_hits,
+            cache_hits=self.cache_hits,
             read_errors=self.read_errors,
             open_files=self.open_files,
             readahead_chunks=self.readahead_chunks,
@@ -174,12 +189,14 @@ class Repository:
     derives from the contents, e.g. the layer digest) then differs, and the kernel
     drops what it cached for the old inodes instead of mixing the two layers.
 
-    Reads: `read(layer, entry, off, size)` maps a byte range onto the entry's chunks,
-    asks the layer's reader for the chunks it needs (all in one `read_chunks` call when
-    the reader is a BatchChunkReader, so adjacent chunks cost one request; else
-    concurrently, chunk by chunk), and keeps the last few chunks in a memo shared by all
-    layers (keyed by digest, `memo_bytes` in total) because the kernel reads a 4 MiB
-    chunk in 128 KiB requests and each would otherwise re-read and re-verify it.
+    Reads: `read(layer, entry, off, size)` maps a byte range onto the entry's chunks and
+    serves each chunk's part from, in order: a memo of recently fetched whole chunks
+    shared by all layers (keyed by digest, `memo_bytes` in total), the reader's local
+    cache when it is a CachedChunkReader (just the part, no decompression, no hashing),
+    else the reader itself (all missing chunks in one `read_chunks` call when it is a
+    BatchChunkReader, so adjacent chunks cost one request; else concurrently, chunk by
+    chunk). Fetched chunks enter the memo because the kernel reads a freshly fetched
+    chunk in 128 KiB requests right after.
 
     Read-ahead: when a read starts where the previous read of the same file ended, the
     next `readahead_bytes` of that file's chunks are fetched in a background task (one
@@ -290,13 +307,43 @@ class Repository:
         if layer.observer is not None:
             for chunk in wanted:
                 layer.observer(entry, chunk)
-        if len(wanted) == 1:
-            parts = [await self._chunk(layer, entry, wanted[0])]
-        else:
-            parts = await self._chunks(layer, entry, wanted)
-        data = b"".join(parts) if len(parts) > 1 else parts[0]
-        start = off - wanted[0].chunk_offset
-        out = data[start : start + (end - off)]
+        await self._caught_up(wanted)
+        cached = getattr(layer.reader, "read_cached", None)
+        pieces: list[bytes | None] = []
+        missing: list[Chunk] = []
+        for chunk in wanted:
+            lo = max(off - chunk.chunk_offset, 0)
+            hi = min(end - chunk.chunk_offset, chunk.size)
+            data = self._memo.get(chunk.digest)
+            if data is not None:
+                self._memo.move_to_end(chunk.digest)
+                layer.memo_hits += 1
+                pieces.append(data[lo:hi])
+                continue
+            if cached is not None:
+                part = await cached(chunk, lo, hi)
+                if part is not None:
+                    if len(part) != hi - lo:
+                        raise ShortChunk(f"file {entry.name!r}: chunk {chunk.digest} gave "
+                                         f"{len(part)} bytes of [{lo}, {hi})")
+                    layer.cache_hits += 1
+                    pieces.append(part)
+                    continue
+            pieces.append(None)
+            missing.append(chunk)
+        if missing:
+            layer.chunks_read += len(missing)
+            fetched = await self._fetch(layer, missing)
+            got: dict[str, bytes] = {}
+            for chunk, data in zip(missing, fetched, strict=True):
+                self._check_size(entry, chunk, data)
+                self._remember(chunk.digest, data)
+                got[chunk.digest] = data
+            for i, chunk in enumerate(wanted):
+                if pieces[i] is None:
+                    lo = max(off - chunk.chunk_offset, 0)
+                    pieces[i] = got[chunk.digest][lo : min(end - chunk.chunk_offset, chunk.size)]
+        out = b"".join(p for p in pieces if p is not None)
         layer.bytes_read += len(out)
         return out
 
@@ -372,52 +419,12 @@ class Repository:
             raise failures[0]
         return parts
 
-    async def _chunks(
-        self, layer: AttachedLayer, entry: Entry, wanted: Sequence[Chunk]
-    ) -> list[bytes]:
-        """Several chunks at once; the first error is raised as itself, not as a group."""
-        parts: list[bytes | None] = []
-        missing: list[Chunk] = []
-        await self._caught_up(wanted)
-        for chunk in wanted:
-            data = self._memo.get(chunk.digest)
-            if data is not None:
-                self._memo.move_to_end(chunk.digest)
-                layer.memo_hits += 1
-            else:
-                missing.append(chunk)
-            parts.append(data)
-        if missing:
-            layer.chunks_read += len(missing)
-            got = dict(zip((c.digest for c in missing), await self._fetch(layer, missing),
-                           strict=True))
-            for i, chunk in enumerate(wanted):
-                if parts[i] is None:
-                    data = got[chunk.digest]
-                    self._check_size(entry, chunk, data)
-                    self._remember(chunk.digest, data)
-                    parts[i] = data
-        return [p for p in parts if p is not None]
-
     async def _caught_up(self, chunks: Sequence[Chunk]) -> None:
         """Wait for read-ahead tasks fetching any of `chunks` (bounded by their timeout)."""
         for chunk in chunks:
             pending = self._ahead.get(chunk.digest)
             if pending is not None:
                 await pending.wait()
-
-    async def _chunk(self, layer: AttachedLayer, entry: Entry, chunk: Chunk) -> bytes:
-        await self._caught_up((chunk,))
-        data = self._memo.get(chunk.digest)
-        if data is not None:
-            self._memo.move_to_end(chunk.digest)
-            layer.memo_hits += 1
-            return data
-        layer.chunks_read += 1
-        data = await layer.reader.read_chunk(chunk)
-        self._check_size(entry, chunk, data)
-        self._remember(chunk.digest, data)
-        return data
 
     @staticmethod
     def _check_size(entry: Entry, chunk: Chunk, data: bytes) -> None:

@@ -7,6 +7,7 @@ knows nothing of HTTP (the caller binds the registry client) nor of files (fs/ a
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import zlib
@@ -170,6 +171,29 @@ class RemoteBlob:
     async def read_chunk(self, chunk: Chunk) -> bytes:
         """The verified uncompressed bytes of `chunk`."""
         return (await self.read_chunks([chunk]))[0]
+
+    async def read_cached(self, chunk: Chunk, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) of `chunk` if the cache holds it, else None.
+
+        A chunk the cache has verified in this process is read with one `pread` right
+        here, on the caller's (FUSE) thread: handing it to a worker thread and back costs
+        more than the read (measured: 4 KiB random reads at 1,300/s through a thread,
+        2,700/s inline, 8,500/s native). The price is that a stalled local disk stalls
+        the mount, as it stalls every other reader of that disk. The first read of a
+        chunk in a process hashes it whole, which happens in a worker thread.
+        """
+        self._check(chunk)
+        digest = _parse_digest(chunk.digest, self.name)
+        if digest not in self.cache:
+            return None
+        if self.cache.verified(digest):
+            data = self.cache.read_range(digest, start, end)
+        else:
+            data = await self.cache.aread_range(digest, start, end)
+        if data is not None:
+            self._reads += 1
+            self._hits += 1
+        return data
 
     async def read_chunks(
         self, chunks: Sequence[Chunk], *, purpose: Purpose = "demand"
@@ -338,6 +362,12 @@ def _plan(chunks: list[Chunk], blob: RemoteBlob, purpose: Purpose) -> list[_Shar
 
 def _parse_digest(text: str, name: str) -> Digest:
     try:
-        return Digest.parse(text)
+        return _digest(text)
     except InvalidArgument:
         raise InvalidArgument(f"{name}: chunk digest {text!r} is not a digest") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(text: str) -> Digest:
+    # Parsed on every cached read; the same few digests come back again and again.
+    return Digest.parse(text)

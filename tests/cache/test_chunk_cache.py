@@ -74,17 +74,50 @@ def test_put_twice_stores_once(cache: ChunkCache) -> None:
 
 
 @pytest.mark.allow_log_errors
-def test_corrupt_file_is_removed_counted_and_missed(cache: ChunkCache) -> None:
+def test_damage_is_caught_on_the_first_read_after_a_restart(tmp_path: Path) -> None:
+    d, data = _chunk("a")
+    with ChunkCache(tmp_path, max_bytes=1000) as cache:
+        cache.put(d, data)
+    (tmp_path / "sha256" / d.hex[:2] / d.hex).write_bytes(b"B" * 100)  # same size
+    with ChunkCache(tmp_path, max_bytes=1000) as cache:
+        assert cache.read_range(d, 0, 10) is None
+        st = cache.statistics()
+        assert (st.corrupt, st.misses, st.entries) == (1, 1, 0)
+        assert not cache.path(d).exists()
+        cache.put(d, data)  # a refetch stores it again
+        assert cache.get(d) == data
+        _assert_consistent(cache)
+
+
+@pytest.mark.allow_log_errors
+@pytest.mark.parametrize("read", ["get", "read_range"])
+def test_a_verified_chunk_whose_file_changes_size_is_removed(cache: ChunkCache, read) -> None:
     d, data = _chunk("a")
     cache.put(d, data)
-    cache.path(d).write_bytes(b"B" * 100)
-    assert cache.get(d) is None
-    st = cache.statistics()
-    assert (st.corrupt, st.misses, st.entries) == (1, 1, 0)
-    assert not cache.path(d).exists()
-    cache.put(d, data)  # a refetch stores it again
-    assert cache.get(d) == data
+    cache.path(d).write_bytes(b"B" * 60)
+    got = cache.get(d) if read == "get" else cache.read_range(d, 0, 10)
+    assert got is None
+    assert cache.statistics().corrupt == 1
+    assert d not in cache
     _assert_consistent(cache)
+
+
+def test_read_range_preads_a_verified_chunk_and_clips_at_its_end(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 40
+    d = Digest.of(data)
+    with ChunkCache(tmp_path, max_bytes=1 << 20) as cache:
+        cache.put(d, data)
+        assert cache.read_range(d, 100, 300) == data[100:300]
+        assert cache.read_range(d, 10_000, 20_000) == data[10_000:]
+        assert cache.read_range(d, 20_000, 20_100) == b""
+    with ChunkCache(tmp_path, max_bytes=1 << 20) as cache:  # verified whole, then pread
+        assert cache.read_range(d, 5, 9) == data[5:9]
+        assert cache.read_range(d, 4000, 4100) == data[4000:4100]
+        assert cache.statistics().hits == 2
+    unknown = Digest.of(b"never stored")
+    with ChunkCache(tmp_path, max_bytes=1 << 20) as cache:
+        assert cache.read_range(unknown, 0, 1) is None
+        assert cache.statistics().misses == 1
 
 
 def test_vanished_file_is_a_miss(cache: ChunkCache) -> None:

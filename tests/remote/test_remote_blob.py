@@ -266,3 +266,23 @@ async def test_random_faults_never_yield_wrong_bytes(cache, fake_source) -> None
     assert served > 0 and blob.statistics().failures > 0
     for chunk, piece in zip(chunks, pieces, strict=True):
         assert cache.get(Digest.parse(chunk.digest)) in (None, piece)
+
+
+async def test_read_cached_serves_parts_of_stored_chunks_only(cache, fake_source) -> None:
+    pieces = _pieces(2, size=5000)
+    data, chunks = _layout([[p] for p in pieces])
+    source = fake_source(data)
+    blob = _blob(source, cache)
+    assert await blob.read_cached(chunks[0], 10, 20) is None  # never fetches
+    assert source.calls == []
+    await blob.read_chunk(chunks[0])
+    assert await blob.read_cached(chunks[0], 10, 4000) == pieces[0][10:4000]
+    assert await blob.read_cached(chunks[1], 0, 1) is None
+    assert len(source.calls) == 1
+    # Another process over the same directory verifies the chunk before serving parts.
+    cache.close()
+    with ChunkCache(cache.root, max_bytes=cache.max_bytes) as again:
+        fresh = _blob(source, again)
+        assert not again.verified(Digest.parse(chunks[0].digest))
+        assert await fresh.read_cached(chunks[0], 100, 200) == pieces[0][100:200]
+        assert again.verified(Digest.parse(chunks[0].digest))
