@@ -91,6 +91,10 @@ class Config:
     background_rate: str = _opt("20MiB", "bytes per second for all background fetching; 0 = no cap")
     background_concurrency: int = _opt(2, "layers fetched in the background at once")
     readahead_size: str = _opt("4MiB", "read ahead this much of a file read sequentially; 0 = off")
+    fetch_window: str = _opt(
+        "256KiB", "an on-demand fetch also takes the following uncached chunks of the layer, "
+        "up to this many bytes in all; 0 = only what was asked"
+    )
     max_connections_per_host: int = _opt(16, "range requests in flight to one registry host")
     profile_record: bool = _opt(
         True, "learn which chunks an image's containers read in their first profile_window "
@@ -128,6 +132,10 @@ class Config:
     @property
     def readahead_bytes(self) -> int:
         return parse_size(self.readahead_size, "readahead_size")
+
+    @property
+    def fetch_window_bytes(self) -> int:
+        return parse_size(self.fetch_window, "fetch_window")
 
 
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
@@ -221,7 +229,7 @@ def load(args: argparse.Namespace | None = None) -> Config:
     cfg = Config(**coerced)
     parse_size(cfg.cache_size, "cache_size")
     parse_size(cfg.max_toc_size, "max_toc_size")
-    for key in ("prefetch_size", "background_rate", "readahead_size"):
+    for key in ("prefetch_size", "background_rate", "readahead_size", "fetch_window"):
         parse_size(getattr(cfg, key), key)
     for key in ("prefetch_parallel", "background_concurrency", "max_connections_per_host"):
         if getattr(cfg, key) < 1:

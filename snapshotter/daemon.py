@@ -121,7 +121,8 @@ async def _serve(cfg: Config) -> None:
                 # layers before it answers the kernel, whose requests wait meanwhile.
                 restored = trio.Event()
                 if cfg.lazy:
-                    repo = Repository(readahead_bytes=cfg.readahead_bytes)
+                    repo = Repository(readahead_bytes=cfg.readahead_bytes,
+                                      fetch_window=cfg.fetch_window_bytes)
                     await nursery.start(
                         partial(run_repository, read_timeout=cfg.read_timeout,
                                 holder=cfg.root / HOLDER_SOCKET, serve_after=restored),

@@ -168,6 +168,10 @@ class ChunkCache:
         # I/O. A dict lookup is atomic under the GIL; the answer is a hint either way.
         return digest in self._lru
 
+    def has_or_fetching(self, digest: Digest) -> bool:
+        """Stored, or being fetched by a `get_or_fetch` now (trio thread; a hint)."""
+        return digest in self._lru or digest in self._flights
+
     def verified(self, digest: Digest) -> bool:
         """Whether `read_range(digest, ...)` is one pread (no hashing); lock-free hint."""
         return digest in self._verified

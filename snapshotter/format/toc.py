@@ -20,6 +20,7 @@ digests as 32 raw bytes) at ~150 bytes per entry, where `Entry`/`Chunk` objects 
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -121,8 +122,8 @@ class Toc:
 
     __slots__ = (
         "_c_digest", "_c_end", "_c_inner", "_c_odd", "_c_offset", "_c_pos", "_c_size",
-        "_digests", "_links", "_odd", "blob_size", "columns", "no_prefetch", "prefetch_landmark",
-        "toc_offset",
+        "_digests", "_links", "_odd", "_ordered", "blob_size", "columns", "no_prefetch",
+        "prefetch_landmark", "toc_offset",
     )  # fmt: skip
 
     def __init__(
@@ -167,6 +168,29 @@ class Toc:
         """Every file's chunks, in entry order (no names are built)."""
         for j in range(len(self._c_pos)):
             yield self.chunk(j)
+
+    def chunks_within(self, start: int, end: int) -> list[Chunk]:
+        """Chunks whose compressed extents lie inside [start, end), in blob order.
+
+        These are the neighbours a read may fetch in the same request as a chunk it
+        needs. eStargz writes the TOC in archive order, so the chunk columns are sorted
+        by offset and this is a bisection; for a TOC that is not (no writer we know of
+        makes one) there are no neighbours and the answer is empty.
+        """
+        offsets = self._c_offset
+        ordered = getattr(self, "_ordered", None)
+        if ordered is None:
+            ordered = self._ordered = all(offsets[j] <= offsets[j + 1]
+                                          for j in range(len(offsets) - 1))
+        if not ordered or start >= end:
+            return []
+        found = []
+        j = bisect_left(offsets, start)
+        while j < len(offsets) and offsets[j] < end:
+            if self._c_end[j] <= end:
+                found.append(self.chunk(j))
+            j += 1
+        return found
 
     def by_name(self) -> dict[str, Entry]:
         return {e.name: e for e in self.entries}

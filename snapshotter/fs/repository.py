@@ -212,7 +212,9 @@ class Repository:
         repo.detach("12")
     """
 
-    def __init__(self, *, memo_bytes: int = 32 << 20, readahead_bytes: int = 0) -> None:
+    def __init__(
+        self, *, memo_bytes: int = 32 << 20, readahead_bytes: int = 0, fetch_window: int = 0
+    ) -> None:
         self._layers: dict[str, AttachedLayer] = {}
         self._by_slot: dict[int, AttachedLayer] = {}
         self._retired: set[int] = set()  # detached named slots: never given out again
@@ -221,6 +223,7 @@ class Repository:
         self._memo_size = 0
         self._memo_max = memo_bytes
         self.readahead_bytes = readahead_bytes
+        self.fetch_window = fetch_window
         # Digests a read-ahead task is fetching -> set when it ends: a reader that catches
         # up waits for it instead of asking for the same chunk again.
         self._ahead: dict[str, trio.Event] = {}
@@ -333,7 +336,7 @@ class Repository:
             missing.append(chunk)
         if missing:
             layer.chunks_read += len(missing)
-            fetched = await self._fetch(layer, missing)
+            fetched = await self._fetch(layer, missing, demand=True)
             got: dict[str, bytes] = {}
             for chunk, data in zip(missing, fetched, strict=True):
                 self._check_size(entry, chunk, data)
@@ -398,10 +401,23 @@ class Repository:
             self._ahead_tasks -= 1
             done.set()
 
-    async def _fetch(self, layer: AttachedLayer, chunks: Sequence[Chunk]) -> list[bytes]:
-        """Chunks from the layer's reader: one batch call if it can, else concurrently."""
+    async def _fetch(
+        self, layer: AttachedLayer, chunks: Sequence[Chunk], *, demand: bool = False
+    ) -> list[bytes]:
+        """Chunks from the layer's reader: one batch call if it can, else concurrently.
+
+        For a reader waiting (`demand`), the batch call also offers the chunks that
+        follow in the blob, up to `fetch_window` bytes from the first one, to be
+        fetched in the same request (see `RemoteBlob.read_chunks`).
+        """
         batch = getattr(layer.reader, "read_chunks", None)
         if batch is not None:
+            if demand and self.fetch_window:
+                first = min(chunks, key=_blob_offset)
+                last_end = max(c.end for c in chunks)
+                along = layer.tree.toc.chunks_within(last_end, first.offset + self.fetch_window)
+                if along:
+                    return list(await batch(chunks, purpose="demand", along=along))
             return list(await batch(chunks, purpose="demand"))
         parts: list[bytes] = [b""] * len(chunks)
         failures: list[LazysnapError] = []
@@ -446,3 +462,7 @@ class Repository:
 
 def _chunk_offset(chunk: Chunk) -> int:
     return chunk.chunk_offset
+
+
+def _blob_offset(chunk: Chunk) -> int:
+    return chunk.offset

@@ -8,6 +8,7 @@ knows nothing of HTTP (the caller binds the registry client) nor of files (fs/ a
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 import zlib
@@ -35,6 +36,8 @@ __all__ = [
     "RemoteBlob",
     "ShortRead",
 ]
+
+log = logging.getLogger(__name__)
 
 FetchRange = Callable[[int, int], Awaitable[bytes]]
 """`await fetch_range(start, end)` -> bytes [start, end) of the blob (end exclusive)."""
@@ -196,13 +199,22 @@ class RemoteBlob:
         return data
 
     async def read_chunks(
-        self, chunks: Sequence[Chunk], *, purpose: Purpose = "demand"
+        self, chunks: Sequence[Chunk], *, purpose: Purpose = "demand",
+        along: Sequence[Chunk] = (),
     ) -> list[bytes]:
         """The verified bytes of each chunk, in order; missing neighbours share one request.
 
         Chunks whose compressed extents touch or overlap are fetched with a single range
         request (up to COALESCE_LIMIT bytes). The whole call is bounded by `fetch_timeout`.
         `purpose` only sorts the statistics and decides whether the read counts as demand.
+
+        `along`: chunks that follow the last requested one in the blob (in blob order),
+        worth taking in the same request because a reader that wants one file soon wants
+        its neighbours (an `import` walks a package's files in archive order) and on a
+        long round trip a few more kilobytes cost nothing. The request is extended over
+        them up to the first one that is cached or being fetched already (so no byte is
+        fetched twice); they are verified and cached, not returned, and one that fails
+        only costs a log line.
         """
         unique: dict[str, Chunk] = {}
         for chunk in chunks:
@@ -212,7 +224,9 @@ class RemoteBlob:
         # Plan ranges only for chunks not already stored; in-flight ones are joined by
         # get_or_fetch without calling our fetch, so planning them costs nothing.
         missing = [c for t, c in unique.items() if digests[t] not in self.cache]
-        ranges = {c.digest: r for r in _plan(missing, self, purpose) for c in r.chunks}
+        planned = _plan(missing, self, purpose)
+        extra = self._extend(planned[-1], along, unique) if planned and along else []
+        ranges = {c.digest: r for r in planned for c in r.chunks}
 
         results: dict[str, bytes] = {}
         errors: list[BaseException] = []
@@ -241,6 +255,21 @@ class RemoteBlob:
             else:
                 self._hits += 1
 
+        async def alongside(chunk: Chunk) -> None:
+            source = ranges[chunk.digest]
+
+            async def fetch() -> bytes:
+                return await source.extract(chunk)
+
+            try:
+                await self.cache.get_or_fetch(
+                    _parse_digest(chunk.digest, self.name), fetch, what=self._what(chunk)
+                )
+            except LazysnapError as exc:
+                log.warning("%s: neighbour fetched along failed: %s", self._what(chunk), exc)
+            else:
+                self._chunks_fetched += 1
+
         waits = purpose == "demand" and bool(missing)
         gauge = self.demand if waits else None
         self._demand_waits += waits
@@ -251,6 +280,8 @@ class RemoteBlob:
                 async with trio.open_nursery() as nursery:
                     for text, chunk in unique.items():
                         nursery.start_soon(one, text, chunk)
+                    for chunk in extra:
+                        nursery.start_soon(alongside, chunk)
         except trio.TooSlowError:
             self._failures += len(chunks)
             what = self._what(chunks[0]) if len(chunks) == 1 else f"{self.name}: chunks"
@@ -265,6 +296,26 @@ class RemoteBlob:
         return [results[c.digest] for c in chunks]
 
     # -- internals ----------------------------------------------------------------------
+
+    def _extend(
+        self, last: _SharedRange, along: Sequence[Chunk], taken: dict[str, Chunk]
+    ) -> list[Chunk]:
+        """Grow `last` over the chunks of `along` that follow it and nobody has yet."""
+        extra: list[Chunk] = []
+        for chunk in along:
+            if chunk.end <= last.end or chunk.offset < last.end:
+                continue  # inside (or overlapping) the range already
+            if chunk.end - last.start > COALESCE_LIMIT or chunk.end > self.blob_size:
+                break
+            if chunk.digest in taken or chunk.digest in (c.digest for c in extra):
+                break
+            digest = _parse_digest(chunk.digest, self.name)
+            if self.cache.has_or_fetching(digest):
+                break
+            last.end = chunk.end
+            last.chunks.append(chunk)
+            extra.append(chunk)
+        return extra
 
     def _what(self, chunk: Chunk) -> str:
         return f"{self.name}: chunk {chunk.digest} at [{chunk.offset}, {chunk.end})"

@@ -447,3 +447,17 @@ def test_the_columnar_model_gives_back_what_it_was_given() -> None:
     assert (toc.toc_offset, toc.blob_size, toc.prefetch_landmark) == (5, 9, 3)
     assert toc.name(0) == "a/b" and toc.columns.parent[0] == 2  # 1 + row of "a"
     assert toc.odd_rows == {1, 2, 9}
+
+
+def test_chunks_within_finds_neighbours_in_blob_order() -> None:
+    def reg(name: str, offset: int, end: int) -> Entry:
+        digest = "sha256:" + f"{offset:064x}"
+        return Entry(name, "reg", size=10, chunks=(Chunk(0, 10, offset, end, 0, digest),))
+
+    toc = Toc(entries=[Entry("", "dir", mode=0o755), reg("a", 100, 150), reg("b", 150, 220),
+                       Entry("d", "dir", mode=0o755), reg("d/c", 260, 400), reg("e", 400, 900)])
+    assert [c.offset for c in toc.chunks_within(150, 400)] == [150, 260]
+    assert [c.offset for c in toc.chunks_within(151, 899)] == [260]  # e ends past 899
+    assert toc.chunks_within(400, 400) == []
+    shuffled = Toc(entries=[Entry("", "dir", mode=0o755), reg("a", 500, 600), reg("b", 100, 200)])
+    assert shuffled.chunks_within(0, 1000) == []  # not in blob order: no neighbours

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import trio
 import trio.testing
-from fslayers import LayerBuilder
+from fslayers import LayerBuilder, digest
 
 from snapshotter.errors import Unavailable
-from snapshotter.format.toc import Chunk
+from snapshotter.format.toc import Chunk, Entry, Toc
 from snapshotter.fs.repository import READAHEAD_TASKS, Repository
 
 CHUNK = 64 << 10
@@ -189,3 +189,34 @@ async def test_over_a_remote_blob_a_multi_chunk_read_is_one_range_request(tmp_pa
             start = (6 + k) * CHUNK
             assert await repo.read(attached, entry, start, 10) == DATA[start : start + 10]
         assert len(ranges) == 2
+
+
+class AlongReader(CountingBatchReader):
+    def __init__(self, chunks: dict[str, bytes]) -> None:
+        super().__init__(chunks)
+        self.along: list[tuple[int, ...]] = []
+
+    async def read_chunks(self, chunks: Sequence[Chunk], *, purpose: str = "demand",
+                          along: Sequence[Chunk] = ()) -> list[bytes]:
+        self.along.append(tuple(c.offset for c in along))
+        return await super().read_chunks(chunks, purpose=purpose)
+
+
+async def test_a_waiting_read_offers_the_following_chunks_within_the_window() -> None:
+    files = {name: bytes([i]) * 100 for i, name in enumerate("abc")}
+    entries = [Entry("", "dir", mode=0o755)]
+    for i, (name, data) in enumerate(files.items()):  # laid out back to back in the blob
+        d = digest(data)
+        entries.append(Entry(name, "reg", size=100, digest=d,
+                             chunks=(Chunk(0, 100, 100 * i, 100 * i + 100, 0, d),)))
+    reader = AlongReader({digest(d): d for d in files.values()})
+    repo = Repository(fetch_window=250)
+    repo.attach("1", Toc(entries=entries), reader)
+    layer, entry = _entry(repo, "a")
+    assert await repo.read(layer, entry, 0, 4096) == files["a"]
+    assert reader.along == [(100,)]  # b; c would end at 300, past 0 + 250
+    off = Repository()  # fetch_window 0: only what was asked
+    off.attach("1", Toc(entries=entries), reader)
+    layer, entry = _entry(off, "c")
+    assert await off.read(layer, entry, 0, 10) == files["c"][:10]
+    assert reader.along == [(100,), ()]

@@ -7,6 +7,7 @@ the real one without needing a TOC.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
@@ -286,3 +287,35 @@ async def test_read_cached_serves_parts_of_stored_chunks_only(cache, fake_source
         assert not again.verified(Digest.parse(chunks[0].digest))
         assert await fresh.read_cached(chunks[0], 100, 200) == pieces[0][100:200]
         assert again.verified(Digest.parse(chunks[0].digest))
+
+
+async def test_along_takes_following_uncached_chunks_in_the_same_request(
+    cache, fake_source
+) -> None:
+    pieces = _pieces(6, size=2000)
+    data, chunks = _layout([[p] for p in pieces])
+    source = fake_source(data)
+    blob = _blob(source, cache)
+    await blob.read_chunk(chunks[4])  # cached: the extension must stop before it
+    source.calls.clear()
+    got = await blob.read_chunks([chunks[1]], along=chunks[2:])
+    assert got == [pieces[1]]
+    assert source.calls == [(chunks[1].offset, chunks[3].end)]
+    for i in (2, 3):  # verified and stored, not returned
+        assert cache.get(Digest.parse(chunks[i].digest)) == pieces[i]
+    assert Digest.parse(chunks[5].digest) not in cache
+    assert blob.statistics().chunks_fetched == 4  # chunks[4] earlier, then 1, 2 and 3
+    # Nothing already held is fetched again: the next read of 2 and 3 is a cache hit.
+    assert await blob.read_chunks([chunks[2], chunks[3]]) == pieces[2:4]
+    assert len(source.calls) == 1
+
+
+@pytest.mark.allow_log_errors
+async def test_a_bad_neighbour_costs_a_log_line_not_the_read(cache, fake_source) -> None:
+    pieces = _pieces(3, size=2000)
+    data, chunks = _layout([[p] for p in pieces])
+    bad = dataclasses.replace(chunks[2], digest="sha256:" + "0" * 64)  # bytes will not match
+    blob = _blob(fake_source(data), cache)
+    assert await blob.read_chunks([chunks[0]], along=[chunks[1], bad]) == [pieces[0]]
+    assert Digest.parse(chunks[1].digest) in cache
+    assert Digest.parse(bad.digest) not in cache
