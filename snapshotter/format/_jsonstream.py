@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 __all__ = ["JsonStream"]
@@ -21,6 +22,9 @@ _DECODER = json.JSONDecoder()
 class JsonStream:
     """Values and punctuation of a JSON document, left to right.
 
+    The document is `bytes`, or an iterable of byte pieces (as they are inflated), so
+    that the whole document need never be in memory at once.
+
     `peek()` is the next non-blank char ("" at the end), `expect(chars)` consumes it if
     it is one of `chars`, `value()` decodes the next complete value. Errors are
     ValueError (UnicodeDecodeError for bad UTF-8, JSONDecodeError for bad JSON) or
@@ -31,11 +35,16 @@ class JsonStream:
     and a number or literal counts only if something follows it.
     """
 
-    def __init__(self, data: bytes, *, window: int | None = None) -> None:
-        self._data = memoryview(data)
+    def __init__(self, data: bytes | Iterable[bytes], *, window: int | None = None) -> None:
         self._window = max(1, window or WINDOW)
+        self._pieces: Iterator[bytes | memoryview]
+        if isinstance(data, bytes | bytearray | memoryview):
+            view, step = memoryview(data), self._window
+            self._pieces = (view[k : k + step] for k in range(0, len(view), step))
+        else:
+            self._pieces = iter(data)
         self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._read = 0  # bytes of data decoded so far
+        self._ended = False  # every piece decoded
         self._text = ""  # decoded, not yet consumed (from _i on)
         self._i = 0
         self._dropped = 0  # chars consumed and dropped before _text
@@ -45,16 +54,23 @@ class JsonStream:
         return self._dropped + self._i
 
     def _more(self) -> bool:
-        """Decode the next piece of data onto the text; False when there is none."""
-        if self._read >= len(self._data):
+        """Decode more pieces onto the text (at least as many bytes as the text still
+        holds, so retries double); False when there were none left."""
+        if self._ended:
             return False
-        size = max(self._window, len(self._text) - self._i)
-        piece = self._data[self._read : self._read + size]
-        self._read += len(piece)
+        want = max(self._window, len(self._text) - self._i)
+        texts = [self._text[self._i :]]
+        got = 0
+        while got < want:
+            piece = next(self._pieces, None)
+            if piece is None:
+                self._ended = True
+                texts.append(self._decoder.decode(b"", True))
+                break
+            got += len(piece)
+            texts.append(self._decoder.decode(piece))
         self._dropped += self._i
-        self._text = self._text[self._i :] + self._decoder.decode(
-            piece, self._read >= len(self._data)
-        )
+        self._text = "".join(texts)
         self._i = 0
         return True
 

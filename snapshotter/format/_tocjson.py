@@ -12,7 +12,7 @@ import datetime
 import itertools
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from snapshotter.errors import InvalidArgument
@@ -40,9 +40,14 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 def parse_toc(
-    toc_json: bytes, *, blob_size: int, toc_offset: int, max_entries: int = 1_000_000
+    toc_json: bytes | Iterable[bytes],
+    *,
+    blob_size: int,
+    toc_offset: int,
+    max_entries: int = 1_000_000,
 ) -> Toc:
-    """Validate the eStargz TOC JSON and build the compact `Toc`.
+    """Validate the eStargz TOC JSON (bytes, or byte pieces in order) and build the
+    compact `Toc`.
 
     Names are normalised ("./a/b/" -> "a/b"); names with ".." or NUL are refused, so no
     entry escapes the layer. A name may appear once, except that a directory may be
@@ -63,7 +68,7 @@ def parse_toc(
     return _TocParser(blob_size, toc_offset).parse(_entries(toc_json, max_entries))
 
 
-def _entries(toc_json: bytes, max_entries: int) -> Iterator[Any]:
+def _entries(toc_json: bytes | Iterable[bytes], max_entries: int) -> Iterator[Any]:
     """The items of the top-level "entries" array, decoded one at a time.
 
     `json.loads` of a 100k-entry TOC holds ~1.2 KB of dicts per entry at once, which

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import tarfile
 import zlib
+from collections.abc import Iterator
 
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss, InvalidArgument
@@ -18,7 +19,7 @@ from snapshotter.format._tocjson import (
     InvalidTOC,
     parse_toc,
 )
-from snapshotter.format.toc import Chunk
+from snapshotter.format.toc import Chunk, Toc
 
 __all__ = [
     "FOOTER_SIZE",
@@ -32,7 +33,9 @@ __all__ = [
     "footer_bytes",
     "parse_footer",
     "parse_toc",
+    "parse_toc_member",
     "read_toc_json",
+    "toc_json_pieces",
     "verify_chunk",
 ]
 
@@ -46,6 +49,8 @@ _FEXTRA = 0x04
 _EMPTY_BODY = b"\x01\x00\x00\xff\xff" + bytes(8)
 # Tar headers (a PAX one, then the entry) and end-of-archive that may surround the JSON.
 _TOC_SLACK = 64 * 1024
+_IN_STEP = 64 * 1024  # compressed bytes handed to zlib at a time when streaming
+_OUT_STEP = 1 << 20  # inflated bytes per piece when streaming
 
 
 class InvalidFooter(InvalidArgument):
@@ -142,15 +147,55 @@ def _inflate(data: bytes, skip: int, want: int, what: str, *, upto: bool = False
     return out.getvalue()
 
 
-def read_toc_json(member: bytes, *, max_size: int) -> bytes:
-    """The TOC JSON from the TOC member (blob bytes [toc_offset, blob_size - footer_size)).
+def _inflate_pieces(
+    data: bytes | memoryview, skip: int, want: int, what: str
+) -> Iterator[bytes]:
+    """Bytes [skip, skip+want) of the concatenated gzip members in `data`, in pieces of
+    at most 1 MiB, ending early only if the data ends cleanly first.
+
+    For a TOC of tens of MB: the input goes in 64 KiB at a time, so zlib's copies of the
+    unconsumed input stay small, and nothing holds more than one piece of output.
+    """
+    view = memoryview(data)
+    pos = n = 0
+    while n < want:
+        if view[pos : pos + 2] != b"\x1f\x8b":
+            if pos == len(data):
+                return
+            raise DataLoss(f"{what}: no gzip member at compressed byte {pos}")
+        d = zlib.decompressobj(wbits=31)
+        try:
+            while n < want and not d.eof:
+                pending = view[pos : pos + _IN_STEP]
+                pos += len(pending)
+                if not pending:
+                    raise DataLoss(f"{what}: truncated gzip member")
+                while pending and n < want and not d.eof:
+                    piece = d.decompress(pending, _OUT_STEP)
+                    pending = d.unconsumed_tail
+                    if skip:
+                        dropped = min(skip, len(piece))
+                        skip -= dropped
+                        piece = piece[dropped:]
+                    if piece:
+                        piece = piece[: want - n]
+                        n += len(piece)
+                        yield piece
+                pos -= len(pending)  # not consumed: read again if more is wanted
+        except zlib.error as exc:
+            raise DataLoss(f"{what}: corrupt gzip data: {exc}") from None
+        pos -= len(d.unused_data)  # the start of the next member
+
+
+def toc_json_pieces(member: bytes | memoryview, *, max_size: int) -> Iterator[bytes]:
+    """The TOC JSON from the TOC member (blob bytes [toc_offset, blob_size - footer_size)),
+    in pieces of at most 1 MiB; raises DataLoss at the end if the JSON is cut short.
 
     Inflates at most `max_size` plus a little room for tar headers, so a gzip bomb costs
-    no more memory than an honest TOC of the allowed size.
+    no more than an honest TOC of the allowed size, and never holds the JSON whole.
     """
     what = "eStargz toc member"
-    # The headers first, then exactly the JSON: one copy of it in memory, never more.
-    head = _inflate(member, 0, _TOC_SLACK, what, upto=True)
+    head = b"".join(_inflate_pieces(member, 0, _TOC_SLACK, what))
     try:
         with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tf:
             info = tf.next()
@@ -167,14 +212,52 @@ def read_toc_json(member: bytes, *, max_size: int) -> bytes:
         if len(head) >= _TOC_SLACK:
             raise InvalidTOC(f"{what}: tar headers larger than {_TOC_SLACK} bytes") from None
         raise InvalidTOC(f"{what}: not a tar stream: {exc}") from None
-    if start + info.size <= len(head):
-        data = head[start : start + info.size]
-    else:
-        del head
-        data = _inflate(member, start, info.size, what, upto=True)
-    if len(data) != info.size:
-        raise DataLoss(f"{what}: {TOC_NAME} truncated at {len(data)} of {info.size} bytes")
-    return data
+    del head
+    n = 0
+    for piece in _inflate_pieces(member, start, info.size, what):
+        n += len(piece)
+        yield piece
+    if n != info.size:
+        raise DataLoss(f"{what}: {TOC_NAME} truncated at {n} of {info.size} bytes")
+
+
+def read_toc_json(member: bytes, *, max_size: int) -> bytes:
+    """The TOC JSON of `toc_json_pieces` in one piece (for tools; the daemon streams)."""
+    # BytesIO hands its buffer over: no second copy of a JSON of tens of MB.
+    out = io.BytesIO()
+    for piece in toc_json_pieces(member, max_size=max_size):
+        out.write(piece)
+    return out.getvalue()
+
+
+def parse_toc_member(
+    member: bytes | memoryview,
+    *,
+    toc_digest: Digest | None,
+    blob_size: int,
+    toc_offset: int,
+    max_size: int,
+    max_entries: int,
+    what: str = "toc",
+) -> Toc:
+    """The `Toc` of a TOC member, its JSON verified against `toc_digest` first.
+
+    Two streaming passes over the compressed member: the first inflates and hashes (a
+    mismatch is DataLoss, and nothing has been parsed), the second inflates again and
+    parses. The JSON, several times the member's size, is never held whole; inflating
+    twice costs a fraction of the parse. With no digest the first pass is skipped.
+    """
+    if toc_digest is not None:
+        verifier = toc_digest.verifier()
+        for piece in toc_json_pieces(member, max_size=max_size):
+            verifier.update(piece)
+        verifier.verify(what)
+    return parse_toc(
+        toc_json_pieces(member, max_size=max_size),
+        blob_size=blob_size,
+        toc_offset=toc_offset,
+        max_entries=max_entries,
+    )
 
 
 def extract_chunk(compressed: bytes, chunk: Chunk) -> bytes:

@@ -19,8 +19,7 @@ from snapshotter.format.estargz import (
     LEGACY_FOOTER_SIZE,
     InvalidFooter,
     parse_footer,
-    parse_toc,
-    read_toc_json,
+    parse_toc_member,
 )
 from snapshotter.format.toc import Toc
 from snapshotter.remote.blob import DemandGauge, FetchRange, RemoteBlob, ShortRead
@@ -81,8 +80,9 @@ async def load_toc(
     no digest, raise TocDigestMissing unless `allow_unverified`. A blob that is not
     eStargz raises InvalidFooter, a malformed or hostile TOC InvalidTOC (both
     InvalidArgument: the caller falls back to a normal pull); the fetches together are
-    bounded by `timeout` (TocFetchTimeout). `raw_sink`, if given, receives the TOC JSON
-    once it has been verified and parsed (to keep it for restarts).
+    bounded by `timeout` (TocFetchTimeout). `raw_sink`, if given, receives the TOC
+    member as fetched (gzip-compressed, several times smaller than the JSON) once its
+    JSON has been verified and parsed, to keep for restarts (`remote/tocstore.py`).
     """
     if toc_digest is None and not allow_unverified:
         raise TocDigestMissing(f"{name}: no toc digest; refusing to serve an unverified layer")
@@ -104,16 +104,15 @@ async def load_toc(
     except trio.TooSlowError:
         raise TocFetchTimeout(f"{name}: toc not fetched within {timeout}s") from None
 
-    held = [member]  # dropped once inflated: the parse's peak is the daemon's
-    del member
-
     def decode() -> Toc:
-        raw = read_toc_json(held.pop(), max_size=max_toc_size)
-        if toc_digest is not None:
-            toc_digest.check(raw, f"{name}: toc")
-        toc = parse_toc(raw, blob_size=blob_size, toc_offset=toc_offset, max_entries=max_entries)
+        # Streamed from the compressed member: holding the inflated JSON and the parse
+        # at once would set the daemon's peak RSS (hundreds of bytes per entry).
+        toc = parse_toc_member(
+            member, toc_digest=toc_digest, blob_size=blob_size, toc_offset=toc_offset,
+            max_size=max_toc_size, max_entries=max_entries, what=f"{name}: toc",
+        )  # fmt: skip
         if raw_sink is not None:
-            raw_sink(raw)
+            raw_sink(member)
         return toc
 
     # Inflating, hashing and parsing a large TOC takes long enough to stall FUSE.
