@@ -339,15 +339,12 @@ class FuseRemoteLayers:
         digest = Digest.parse(source.layer_digest)
         size = await self._client.blob_size(ref, digest)
         fetch = self._fetcher(source)
-        toc_bytes: list[bytes] = []
         toc = await load_toc(
             fetch, blob_size=size, toc_digest=toc_digest,
             max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
             allow_unverified=unverified_ok, timeout=self._cfg.fetch_timeout,
-            name=f"layer {digest}", raw_sink=toc_bytes.append,
+            name=f"layer {digest}", toc_store=self._tocs,
         )
-        if toc_digest is not None and toc_bytes:
-            await trio.to_thread.run_sync(self._tocs.save, toc_digest, toc_bytes[0], toc.toc_offset)
         with self._lock:
             layer = self._layers.get(source.layer_digest)
             if layer is None:
@@ -401,23 +398,18 @@ class FuseRemoteLayers:
             layer.error = "toc not stored; fetched on first use"
             log.info("layer %s: %s", h["digest"], layer.error)
             return
-        toc_bytes: list[bytes] = []
         try:
-            if toc is None:
+            if toc is None:  # fetched, and stored so that the next start needs no network
                 toc = await load_toc(
                     fetch, blob_size=h["size"],
                     toc_digest=Digest.parse(source.toc_digest) if source.toc_digest else None,
                     max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
                     allow_unverified=not source.toc_digest, timeout=self._cfg.fetch_timeout,
-                    name=f"layer {h['digest']}", raw_sink=toc_bytes.append,
+                    name=f"layer {h['digest']}", toc_store=self._tocs,
                 )
         except errors.LazysnapError as exc:
             layer.error = str(exc)
             raise errors.Unavailable(f"layer {h['digest']}: cannot restore: {exc}") from exc
-        if source.toc_digest and toc_bytes:  # so that the next start needs no network
-            await trio.to_thread.run_sync(
-                self._tocs.save, Digest.parse(source.toc_digest), toc_bytes[0], toc.toc_offset
-            )
         blob = RemoteBlob(fetch, self._cache, blob_size=h["size"],
                           fetch_timeout=self._cfg.fetch_timeout, name=f"layer {h['digest']}")
         tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)

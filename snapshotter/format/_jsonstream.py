@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ["JsonStream"]
 
-WINDOW = 1 << 20  # bytes decoded per step
+WINDOW = 64 * 1024  # bytes decoded per step: see _OUT_STEP in estargz.py
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 

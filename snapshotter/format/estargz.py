@@ -10,6 +10,7 @@ import io
 import tarfile
 import zlib
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss, InvalidArgument
@@ -29,6 +30,7 @@ __all__ = [
     "TOC_NAME",
     "InvalidFooter",
     "InvalidTOC",
+    "TocSource",
     "extract_chunk",
     "footer_bytes",
     "parse_footer",
@@ -49,8 +51,15 @@ _FEXTRA = 0x04
 _EMPTY_BODY = b"\x01\x00\x00\xff\xff" + bytes(8)
 # Tar headers (a PAX one, then the entry) and end-of-archive that may surround the JSON.
 _TOC_SLACK = 64 * 1024
-_IN_STEP = 64 * 1024  # compressed bytes handed to zlib at a time when streaming
-_OUT_STEP = 1 << 20  # inflated bytes per piece when streaming
+# Streaming a TOC: compressed bytes handed to zlib at a time, inflated bytes per piece.
+# Small enough that no piece is a large allocation (those fragment the heap, or raise
+# glibc's mmap threshold): with 1 MiB, the daemon's peak was ~50 B/entry higher.
+_IN_STEP = 64 * 1024
+_OUT_STEP = 64 * 1024
+
+
+# A TOC member in memory, or a binary file positioned at its start.
+TocSource = bytes | bytearray | memoryview | BinaryIO
 
 
 class InvalidFooter(InvalidArgument):
@@ -147,55 +156,78 @@ def _inflate(data: bytes, skip: int, want: int, what: str, *, upto: bool = False
     return out.getvalue()
 
 
-def _inflate_pieces(
-    data: bytes | memoryview, skip: int, want: int, what: str
-) -> Iterator[bytes]:
-    """Bytes [skip, skip+want) of the concatenated gzip members in `data`, in pieces of
-    at most 1 MiB, ending early only if the data ends cleanly first.
+def _blocks(member: TocSource, origin: int) -> Iterator[bytes | memoryview]:
+    """The compressed bytes of `member` in 64 KiB blocks, from the start each time: an
+    in-memory member is sliced, a file is read from `origin` on."""
+    if isinstance(member, bytes | bytearray | memoryview):
+        view = memoryview(member)
+        for k in range(0, len(view), _IN_STEP):
+            yield view[k : k + _IN_STEP]
+        return
+    member.seek(origin)
+    while block := member.read(_IN_STEP):
+        yield block
 
-    For a TOC of tens of MB: the input goes in 64 KiB at a time, so zlib's copies of the
-    unconsumed input stay small, and nothing holds more than one piece of output.
+
+def _inflate_pieces(
+    blocks: Iterator[bytes | memoryview], skip: int, want: int, what: str
+) -> Iterator[bytes]:
+    """Bytes [skip, skip+want) of the concatenated gzip members in `blocks`, in pieces
+    of at most 64 KiB, ending early only if the data ends cleanly first.
+
+    For a TOC of tens of MB: zlib gets one block at a time, so its copies of unconsumed
+    input stay small, and nothing holds more than one piece of output.
     """
-    view = memoryview(data)
-    pos = n = 0
+    pending: bytes | memoryview = b""
+    taken = n = 0  # compressed bytes taken from blocks; bytes out
     while n < want:
-        if view[pos : pos + 2] != b"\x1f\x8b":
-            if pos == len(data):
-                return
-            raise DataLoss(f"{what}: no gzip member at compressed byte {pos}")
+        while len(pending) < 2 and (block := next(blocks, None)) is not None:
+            pending = bytes(pending) + bytes(block) if pending else block
+            taken += len(block)
+        if not pending:
+            return
+        if pending[:2] != b"\x1f\x8b":
+            raise DataLoss(f"{what}: no gzip member at compressed byte {taken - len(pending)}")
         d = zlib.decompressobj(wbits=31)
         try:
             while n < want and not d.eof:
-                pending = view[pos : pos + _IN_STEP]
-                pos += len(pending)
                 if not pending:
-                    raise DataLoss(f"{what}: truncated gzip member")
-                while pending and n < want and not d.eof:
-                    piece = d.decompress(pending, _OUT_STEP)
-                    pending = d.unconsumed_tail
-                    if skip:
-                        dropped = min(skip, len(piece))
-                        skip -= dropped
-                        piece = piece[dropped:]
-                    if piece:
-                        piece = piece[: want - n]
-                        n += len(piece)
-                        yield piece
-                pos -= len(pending)  # not consumed: read again if more is wanted
+                    if (block := next(blocks, None)) is None:
+                        raise DataLoss(f"{what}: truncated gzip member")
+                    pending = block
+                    taken += len(block)
+                piece = d.decompress(pending, _OUT_STEP)
+                pending = d.unconsumed_tail
+                if skip:
+                    dropped = min(skip, len(piece))
+                    skip -= dropped
+                    piece = piece[dropped:]
+                if piece:
+                    piece = piece[: want - n]
+                    n += len(piece)
+                    yield piece
         except zlib.error as exc:
             raise DataLoss(f"{what}: corrupt gzip data: {exc}") from None
-        pos -= len(d.unused_data)  # the start of the next member
+        pending = d.unused_data  # the next member's start (the tail is empty at eof)
 
 
-def toc_json_pieces(member: bytes | memoryview, *, max_size: int) -> Iterator[bytes]:
-    """The TOC JSON from the TOC member (blob bytes [toc_offset, blob_size - footer_size)),
-    in pieces of at most 1 MiB; raises DataLoss at the end if the JSON is cut short.
+def toc_json_pieces(member: TocSource, *, max_size: int) -> Iterator[bytes]:
+    """The TOC JSON from the TOC member (blob bytes [toc_offset, blob_size - footer_size),
+    in memory or in a file positioned at its start), in pieces of at most 64 KiB; raises
+    DataLoss at the end if the JSON is cut short.
 
     Inflates at most `max_size` plus a little room for tar headers, so a gzip bomb costs
     no more than an honest TOC of the allowed size, and never holds the JSON whole.
     """
+    # Where a file's member starts, taken now: the pieces are made lazily, and another
+    # pass over the file may have moved it by then.
+    origin = 0 if isinstance(member, bytes | bytearray | memoryview) else member.tell()
+    return _toc_json_pieces(member, origin, max_size)
+
+
+def _toc_json_pieces(member: TocSource, origin: int, max_size: int) -> Iterator[bytes]:
     what = "eStargz toc member"
-    head = b"".join(_inflate_pieces(member, 0, _TOC_SLACK, what))
+    head = b"".join(_inflate_pieces(_blocks(member, origin), 0, _TOC_SLACK, what))
     try:
         with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tf:
             info = tf.next()
@@ -214,7 +246,7 @@ def toc_json_pieces(member: bytes | memoryview, *, max_size: int) -> Iterator[by
         raise InvalidTOC(f"{what}: not a tar stream: {exc}") from None
     del head
     n = 0
-    for piece in _inflate_pieces(member, start, info.size, what):
+    for piece in _inflate_pieces(_blocks(member, origin), start, info.size, what):
         n += len(piece)
         yield piece
     if n != info.size:
@@ -231,7 +263,7 @@ def read_toc_json(member: bytes, *, max_size: int) -> bytes:
 
 
 def parse_toc_member(
-    member: bytes | memoryview,
+    member: TocSource,
     *,
     toc_digest: Digest | None,
     blob_size: int,
@@ -240,7 +272,8 @@ def parse_toc_member(
     max_entries: int,
     what: str = "toc",
 ) -> Toc:
-    """The `Toc` of a TOC member, its JSON verified against `toc_digest` first.
+    """The `Toc` of a TOC member (see `toc_json_pieces`), its JSON verified against
+    `toc_digest` first.
 
     Two streaming passes over the compressed member: the first inflates and hashes (a
     mismatch is DataLoss, and nothing has been parsed), the second inflates again and
@@ -248,10 +281,14 @@ def parse_toc_member(
     twice costs a fraction of the parse. With no digest the first pass is skipped.
     """
     if toc_digest is not None:
+        in_file = not isinstance(member, bytes | bytearray | memoryview)
+        origin = member.tell() if in_file else 0  # type: ignore[union-attr]
         verifier = toc_digest.verifier()
         for piece in toc_json_pieces(member, max_size=max_size):
             verifier.update(piece)
         verifier.verify(what)
+        if in_file:
+            member.seek(origin)  # type: ignore[union-attr]
     return parse_toc(
         toc_json_pieces(member, max_size=max_size),
         blob_size=blob_size,

@@ -23,6 +23,7 @@ from snapshotter.format.estargz import (
 )
 from snapshotter.format.toc import Toc
 from snapshotter.remote.blob import DemandGauge, FetchRange, RemoteBlob, ShortRead
+from snapshotter.remote.tocstore import TocStore
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
@@ -72,6 +73,7 @@ async def load_toc(
     timeout: float = 30.0,
     name: str = "layer",
     raw_sink: Callable[[bytes], None] | None = None,
+    toc_store: TocStore | None = None,
 ) -> Toc:
     """The validated TOC of the eStargz blob behind `fetch_range`.
 
@@ -80,9 +82,12 @@ async def load_toc(
     no digest, raise TocDigestMissing unless `allow_unverified`. A blob that is not
     eStargz raises InvalidFooter, a malformed or hostile TOC InvalidTOC (both
     InvalidArgument: the caller falls back to a normal pull); the fetches together are
-    bounded by `timeout` (TocFetchTimeout). `raw_sink`, if given, receives the TOC
-    member as fetched (gzip-compressed, several times smaller than the JSON) once its
-    JSON has been verified and parsed, to keep for restarts (`remote/tocstore.py`).
+    bounded by `timeout` (TocFetchTimeout).
+
+    To keep the TOC for restarts, pass `toc_store`: a verified TOC's member (as fetched,
+    gzip, a fraction of the JSON) is written there and parsed back from the file, so
+    the daemon does not hold it during the parse. `raw_sink`, if given instead, receives
+    the member once its JSON has been verified and parsed.
     """
     if toc_digest is None and not allow_unverified:
         raise TocDigestMissing(f"{name}: no toc digest; refusing to serve an unverified layer")
@@ -104,9 +109,18 @@ async def load_toc(
     except trio.TooSlowError:
         raise TocFetchTimeout(f"{name}: toc not fetched within {timeout}s") from None
 
+    held = [member]  # only here, so that `toc_store.add` can let go of it
+    del member
+
     def decode() -> Toc:
         # Streamed from the compressed member: holding the inflated JSON and the parse
         # at once would set the daemon's peak RSS (hundreds of bytes per entry).
+        if toc_store is not None and toc_digest is not None and raw_sink is None:
+            return toc_store.add(
+                toc_digest, held.pop(), toc_offset, blob_size=blob_size,
+                max_size=max_toc_size, max_entries=max_entries, what=f"{name}: toc",
+            )  # fmt: skip
+        member = held.pop()
         toc = parse_toc_member(
             member, toc_digest=toc_digest, blob_size=blob_size, toc_offset=toc_offset,
             max_size=max_toc_size, max_entries=max_entries, what=f"{name}: toc",

@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from snapshotter.digest import Digest
 from snapshotter.errors import LazysnapError
@@ -21,19 +22,19 @@ __all__ = ["MAX_STORED_TOC_SIZE", "TocStore"]
 log = logging.getLogger(__name__)
 
 # Bounds the inflated JSON of a stored member: it was verified (and within the configured
-# limit) when saved, so this only stops a damaged file from inflating without end.
+# limit) when stored, so this only stops a damaged file from inflating without end.
 MAX_STORED_TOC_SIZE = 1 << 30
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
 class TocStore:
     """`<dir>/<hex>`: first line the TOC's compressed offset, then the TOC member as the
-    blob holds it (gzip: a fifth of the JSON on disk, and inflated in pieces on load).
+    blob holds it (gzip, a seventh of the JSON), read back in pieces on load.
 
     Files from before members were stored hold the TOC JSON instead; they still load.
 
-        store.save(digest, member, toc_offset)   # member: verified by load_toc
-        store.load(digest, blob_size=n, max_entries=m)  # Toc, or None
+        toc = store.add(digest, member, toc_offset, blob_size=n, max_size=s, max_entries=m)
+        toc = store.load(digest, blob_size=n, max_entries=m)  # after a restart; or None
     """
 
     def __init__(self, directory: Path) -> None:
@@ -42,8 +43,39 @@ class TocStore:
     def _path(self, digest: Digest) -> Path:
         return self.dir / digest.hex
 
+    def add(
+        self, digest: Digest, member: bytes, toc_offset: int, *, blob_size: int,
+        max_size: int, max_entries: int, what: str = "toc",
+    ) -> Toc:  # fmt: skip
+        """Verify and parse a fetched TOC member, and keep it when both succeed.
+
+        The member is written first and parsed from the file, so that the caller can let
+        go of it: holding it through the parse would add its size (~50 bytes per entry)
+        to the daemon's peak. Errors are `parse_toc_member`'s; nothing is kept then.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "w+b") as f:
+                f.write(b"%d\n" % toc_offset)
+                f.write(member)
+                del member  # the caller's was its last other reference
+                f.flush()
+                os.fsync(f.fileno())
+                f.seek(0)
+                f.readline()
+                toc = parse_toc_member(
+                    f, toc_digest=digest, blob_size=blob_size, toc_offset=toc_offset,
+                    max_size=max_size, max_entries=max_entries, what=what,
+                )  # fmt: skip
+            os.replace(tmp, self._path(digest))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return toc
+
     def save(self, digest: Digest, member: bytes, toc_offset: int) -> None:
-        """Store a TOC member whose JSON the caller has verified against `digest`
+        """Keep a TOC member whose JSON the caller has verified against `digest`
         (checking again would inflate it once more; `load` checks before use)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
@@ -68,27 +100,34 @@ class TocStore:
     ) -> Toc | None:
         """The stored TOC, or None when absent or damaged (damaged files are removed)."""
         path = self._path(digest)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        cut = data.find(b"\n")
         what = f"stored toc {path}"
         try:
-            toc_offset = int(data[:cut]) if cut >= 0 else -1
-            if toc_offset < 0:
-                raise ValueError("no toc offset line")
-            body = memoryview(data)[cut + 1 :]
-            if body[:2] == _GZIP_MAGIC:
-                return parse_toc_member(
-                    body, toc_digest=digest, blob_size=blob_size, toc_offset=toc_offset,
-                    max_size=max_toc_size, max_entries=max_entries, what=what,
-                )  # fmt: skip
-            raw = bytes(body)  # the JSON, as older stores kept it
-            digest.check(raw, what)
-            return parse_toc(raw, blob_size=blob_size, toc_offset=toc_offset,
-                             max_entries=max_entries)  # fmt: skip
+            with path.open("rb") as f:
+                return self._read(f, digest, blob_size, max_entries, max_toc_size, what)
+        except FileNotFoundError:
+            return None
         except (LazysnapError, ValueError) as exc:
             log.warning("stored toc %s is damaged (%s); removing it", path, exc)
             path.unlink(missing_ok=True)
             return None
+
+    @staticmethod
+    def _read(
+        f: BinaryIO, digest: Digest, blob_size: int, max_entries: int, max_size: int, what: str
+    ) -> Toc:
+        head = f.readline(32)
+        if not head.endswith(b"\n"):
+            raise ValueError("no toc offset line")
+        toc_offset = int(head)
+        start = f.tell()
+        if f.read(2) != _GZIP_MAGIC:  # the JSON itself, as older stores kept it
+            f.seek(start)
+            raw = f.read()
+            digest.check(raw, what)
+            return parse_toc(raw, blob_size=blob_size, toc_offset=toc_offset,
+                             max_entries=max_entries)  # fmt: skip
+        f.seek(start)
+        return parse_toc_member(
+            f, toc_digest=digest, blob_size=blob_size, toc_offset=toc_offset,
+            max_size=max_size, max_entries=max_entries, what=what,
+        )  # fmt: skip
