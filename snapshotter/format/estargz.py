@@ -219,10 +219,13 @@ def toc_json_pieces(member: TocSource, *, max_size: int) -> Iterator[bytes]:
     Inflates at most `max_size` plus a little room for tar headers, so a gzip bomb costs
     no more than an honest TOC of the allowed size, and never holds the JSON whole.
     """
-    # Where a file's member starts, taken now: the pieces are made lazily, and another
-    # pass over the file may have moved it by then.
-    origin = 0 if isinstance(member, bytes | bytearray | memoryview) else member.tell()
-    return _toc_json_pieces(member, origin, max_size)
+    return _toc_json_pieces(member, _origin(member), max_size)
+
+
+def _origin(member: TocSource) -> int:
+    """Where a file's member starts, taken before any pass: the pieces are made lazily,
+    and each pass over a file moves its position."""
+    return 0 if isinstance(member, bytes | bytearray | memoryview) else member.tell()
 
 
 def _toc_json_pieces(member: TocSource, origin: int, max_size: int) -> Iterator[bytes]:
@@ -280,17 +283,14 @@ def parse_toc_member(
     parses. The JSON, several times the member's size, is never held whole; inflating
     twice costs a fraction of the parse. With no digest the first pass is skipped.
     """
+    origin = _origin(member)
     if toc_digest is not None:
-        in_file = not isinstance(member, bytes | bytearray | memoryview)
-        origin = member.tell() if in_file else 0  # type: ignore[union-attr]
         verifier = toc_digest.verifier()
-        for piece in toc_json_pieces(member, max_size=max_size):
+        for piece in _toc_json_pieces(member, origin, max_size):
             verifier.update(piece)
         verifier.verify(what)
-        if in_file:
-            member.seek(origin)  # type: ignore[union-attr]
     return parse_toc(
-        toc_json_pieces(member, max_size=max_size),
+        _toc_json_pieces(member, origin, max_size),
         blob_size=blob_size,
         toc_offset=toc_offset,
         max_entries=max_entries,

@@ -22,6 +22,7 @@ from snapshotter.remote.layer import (
     load_toc,
     open_layer,
 )
+from snapshotter.remote.tocstore import TocStore
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +224,22 @@ async def test_landmark_prefetch_fetches_exactly_the_prioritized_files(fake_sour
     for name in ("etc/hello.txt", "usr/lib/big.bin"):
         assert b"".join(await layer.blob.read_chunks(by_name[name].chunks)) == FILES[name]
     assert len(source.calls) == 3
+
+
+async def test_toc_store_keeps_the_verified_member_for_a_restart(
+    layer, fake_source, tmp_path
+) -> None:
+    blob, toc_digest = layer
+    store = TocStore(tmp_path)
+    toc = await _load(fake_source(blob), toc_digest, toc_store=store)
+    stored = TocStore(tmp_path).load(toc_digest, blob_size=len(blob), max_entries=1000)
+    assert stored is not None and list(stored.entries) == list(toc.entries)
+
+
+async def test_toc_store_keeps_nothing_unverified(layer, fake_source, tmp_path) -> None:
+    blob, _ = layer
+    with pytest.raises(DataLoss):
+        await _load(fake_source(blob), Digest.of(b"some other toc"), toc_store=TocStore(tmp_path))
+    toc = await _load(fake_source(blob), None, allow_unverified=True, toc_store=TocStore(tmp_path))
+    assert toc.entries
+    assert list(tmp_path.iterdir()) == []

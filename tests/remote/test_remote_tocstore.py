@@ -1,0 +1,114 @@
+"""TocStore: verified TOC members kept on disk across restarts, and what it does with
+files it cannot trust."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+import pytest
+from remote_fakes import CHUNK, FILES
+from remote_fakes import layer_tar as _tar
+
+from snapshotter.digest import Digest
+from snapshotter.errors import DataLoss
+from snapshotter.format.build import build_estargz
+from snapshotter.format.estargz import InvalidTOC, parse_footer, parse_toc, read_toc_json
+from snapshotter.remote.tocstore import TocStore
+
+
+@pytest.fixture(scope="module")
+def layer() -> tuple[bytes, int, bytes, Digest]:
+    """(blob, toc_offset, toc member, toc digest) of a small eStargz layer."""
+    out = io.BytesIO()
+    result = build_estargz(io.BytesIO(_tar(FILES)), out, chunk_size=CHUNK)
+    blob = out.getvalue()
+    toc_offset, footer = parse_footer(blob[-51:], blob_size=len(blob))
+    return blob, toc_offset, blob[toc_offset : len(blob) - footer], result.toc_digest
+
+
+def _add(store: TocStore, layer, member: bytes | None = None, digest: Digest | None = None):  # type: ignore[no-untyped-def]
+    blob, toc_offset, good, toc_digest = layer
+    return store.add(digest or toc_digest, good if member is None else member, toc_offset,
+                     blob_size=len(blob), max_size=1 << 20, max_entries=1000)  # fmt: skip
+
+
+def _load(store: TocStore, layer):  # type: ignore[no-untyped-def]
+    blob, _, _, toc_digest = layer
+    return store.load(toc_digest, blob_size=len(blob), max_entries=1000)
+
+
+def test_added_toc_is_kept_as_the_member_and_loads_after_a_restart(layer, tmp_path) -> None:
+    _, toc_offset, member, toc_digest = layer
+    toc = _add(TocStore(tmp_path), layer)
+    assert toc.toc_offset == toc_offset and "usr/lib/big.bin" in toc.by_name()
+    assert [p.name for p in tmp_path.iterdir()] == [toc_digest.hex]  # no temp file left
+    assert (tmp_path / toc_digest.hex).read_bytes() == b"%d\n" % toc_offset + member
+    again = _load(TocStore(tmp_path), layer)
+    assert again is not None and list(again.entries) == list(toc.entries)
+
+
+def test_saved_member_loads(layer, tmp_path) -> None:
+    _, toc_offset, member, toc_digest = layer
+    TocStore(tmp_path).save(toc_digest, member, toc_offset)
+    toc = _load(TocStore(tmp_path), layer)
+    assert toc is not None and "etc/link" in toc.by_name()
+
+
+def test_json_stored_by_older_versions_still_loads(layer, tmp_path) -> None:
+    blob, toc_offset, member, toc_digest = layer
+    raw = read_toc_json(member, max_size=1 << 20)
+    (tmp_path / toc_digest.hex).write_bytes(b"%d\n" % toc_offset + raw)
+    toc = _load(TocStore(tmp_path), layer)
+    expected = parse_toc(raw, blob_size=len(blob), toc_offset=toc_offset)
+    assert toc is not None and list(toc.entries) == list(expected.entries)
+
+
+def test_absent_toc_is_none(layer, tmp_path) -> None:
+    assert _load(TocStore(tmp_path / "never-made"), layer) is None
+
+
+def test_wrong_digest_keeps_nothing(layer, tmp_path) -> None:
+    with pytest.raises(DataLoss):
+        _add(TocStore(tmp_path), layer, digest=Digest.of(b"another toc"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verified_but_hostile_toc_keeps_nothing(tmp_path) -> None:
+    doc = b'{"version": 1, "entries": [{"name": "a/../../x", "type": "dir"}]}'
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("stargz.index.json")
+        info.size = len(doc)
+        tf.addfile(info, io.BytesIO(doc))
+    member = gzip.compress(buf.getvalue())
+    with pytest.raises(InvalidTOC):
+        TocStore(tmp_path).add(Digest.of(doc), member, 100, blob_size=1000, max_size=1 << 20,
+                               max_entries=10)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.allow_log_errors
+@pytest.mark.parametrize("damage", ["flip", "cut", "no-offset", "bad-offset", "empty"])
+def test_damaged_file_is_removed_and_not_served(
+    layer, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    blob, toc_offset, member, toc_digest = layer
+    body = bytearray(member)
+    body[len(body) // 2] ^= 0x40
+    data = {
+        "flip": b"%d\n" % toc_offset + bytes(body),
+        "cut": b"%d\n" % toc_offset + member[: len(member) // 2],
+        "no-offset": member,
+        "bad-offset": b"%d\n" % len(blob) + member,
+        "empty": b"",
+    }[damage]
+    path = tmp_path / toc_digest.hex
+    path.write_bytes(data)
+    with caplog.at_level(logging.WARNING, "snapshotter.remote.tocstore"):
+        assert _load(TocStore(tmp_path), layer) is None
+    assert not path.exists()
+    assert "damaged" in caplog.text
