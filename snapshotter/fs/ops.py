@@ -22,7 +22,7 @@ import trio
 from snapshotter import errors, metrics
 from snapshotter.format.toc import Entry
 from snapshotter.fs.repository import AttachedLayer, Repository
-from snapshotter.fs.tree import ROOT, Node
+from snapshotter.fs.tree import ROOT, Stat
 
 __all__ = ["ATTR_TIMEOUT", "RepositoryOperations"]
 
@@ -90,6 +90,29 @@ def _handler(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
     return wrapper
 
 
+def _layer_attrs(layer: AttachedLayer) -> pyfuse3.EntryAttributes:
+    """Attributes with what every inode of `layer` shares; `_fill` adds the inode's own."""
+    a = pyfuse3.EntryAttributes()
+    a.generation = layer.generation
+    a.attr_timeout = a.entry_timeout = ATTR_TIMEOUT
+    a.st_blksize = 4096
+    return a
+
+
+def _fill(a: pyfuse3.EntryAttributes, ino: int, st: Stat) -> Stat:
+    mode, nlink, uid, gid, size, mtime_ns, rdev = st
+    a.st_ino = ino
+    a.st_mode = mode
+    a.st_nlink = nlink
+    a.st_uid = uid
+    a.st_gid = gid
+    a.st_rdev = rdev
+    a.st_size = size
+    a.st_blocks = (size + 511) // 512
+    a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
+    return st
+
+
 async def _rofs(self: Any, *args: Any) -> Any:
     raise pyfuse3.FUSEError(errno.EROFS)
 
@@ -139,21 +162,11 @@ class RepositoryOperations(pyfuse3.Operations):
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.repository.changed_ns
         return a
 
-    def _attrs(self, layer: AttachedLayer, node: Node) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = layer.ino(node.ino)
-        a.generation = layer.generation
-        a.attr_timeout = ATTR_TIMEOUT
-        a.entry_timeout = _ENTRY_TIMEOUT_ROOT if node.ino == ROOT else ATTR_TIMEOUT
-        a.st_mode = node.mode
-        a.st_nlink = node.nlink
-        a.st_uid = node.uid
-        a.st_gid = node.gid
-        a.st_rdev = node.rdev
-        a.st_size = node.size
-        a.st_blksize = 4096
-        a.st_blocks = (node.size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+    def _attrs(self, layer: AttachedLayer, local: int) -> pyfuse3.EntryAttributes:
+        a = _layer_attrs(layer)
+        if local == ROOT:
+            a.entry_timeout = _ENTRY_TIMEOUT_ROOT
+        _fill(a, layer.ino(local), layer.tree.stat(local))
         return a
 
     def _resolve(self, ino: int) -> tuple[AttachedLayer, int]:
@@ -166,7 +179,7 @@ class RepositoryOperations(pyfuse3.Operations):
         if ino == pyfuse3.ROOT_INODE:
             return self._root_attrs()
         layer, local = self._resolve(ino)
-        return self._attrs(layer, layer.tree.node(local))
+        return self._attrs(layer, local)
 
     # -- names -----------------------------------------------------------------------
 
@@ -182,15 +195,15 @@ class RepositoryOperations(pyfuse3.Operations):
             layer = self.repository.layer(os.fsdecode(name))
             if layer is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attrs(layer, layer.tree.node(ROOT))
+            return self._attrs(layer, ROOT)
         layer, local = self._resolve(parent_inode)
         if name == b"..":
             up = layer.tree.parent(local)
-            return self._attrs(layer, layer.tree.node(up)) if up else self._root_attrs()
+            return self._attrs(layer, up) if up else self._root_attrs()
         child = layer.tree.lookup(local, name)
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(layer, layer.tree.node(child))
+        return self._attrs(layer, child)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None
@@ -236,14 +249,31 @@ class RepositoryOperations(pyfuse3.Operations):
             for attached in self.repository.layers():
                 if attached.slot <= start_id:
                     continue
-                attrs = self._attrs(attached, attached.tree.node(ROOT))
+                attrs = self._attrs(attached, ROOT)
                 name = os.fsencode(attached.layer_id)
                 if not pyfuse3.readdir_reply(token, name, attrs, attached.slot):
                     return
             return
-        for pos, name, child in layer.tree.children(local, start_id):
-            attrs = self._attrs(layer, layer.tree.node(child))
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, pos + 1):
+        # One EntryAttributes for every entry: readdir_reply copies it into the reply at
+        # once. A layer's directories never list its ROOT, so the timeouts stay put.
+        # Fields equal to the previous entry's are not set again: neighbours mostly share
+        # owner and mtime, and each time field costs a division in pyfuse3's setter.
+        a, base, reply = _layer_attrs(layer), layer.ino(0), pyfuse3.readdir_reply
+        last: Stat = _fill(a, 0, (0, 0, 0, 0, 0, 0, 0))
+        for pos, name, child, st in layer.tree.listing(local, start_id):
+            mode, nlink, uid, gid, size, mtime_ns, rdev = st
+            a.st_ino = base | child
+            a.st_mode = mode
+            a.st_nlink = nlink
+            if size != last[4]:
+                a.st_size = size
+                a.st_blocks = (size + 511) // 512
+            if mtime_ns != last[5]:
+                a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
+            if uid != last[2] or gid != last[3] or rdev != last[6]:
+                a.st_uid, a.st_gid, a.st_rdev = uid, gid, rdev
+            last = st
+            if not reply(token, name, a, pos + 1):
                 return
 
     @_handler

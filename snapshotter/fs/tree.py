@@ -21,7 +21,7 @@ from snapshotter.format.whiteout import (
     WHITEOUT_PREFIX,
 )
 
-__all__ = ["ROOT", "InvalidTree", "LayerTree", "Node"]
+__all__ = ["ROOT", "InvalidTree", "LayerTree", "Node", "Stat"]
 
 ROOT = 1  # local inode of the layer's top directory; local inodes are 1..len(tree)
 
@@ -39,6 +39,10 @@ _WH_LEN = len(WHITEOUT_PREFIX)
 
 class InvalidTree(InvalidArgument):
     """The TOC cannot be presented as a tree (missing parent, dangling hardlink, ...)."""
+
+
+# What `LayerTree.stat` returns: (mode, nlink, uid, gid, size, mtime_ns, rdev)
+Stat = tuple[int, int, int, int, int, int, int]
 
 
 class Node(NamedTuple):
@@ -154,6 +158,36 @@ class LayerTree:
         for i in range(lo + max(start, 0), hi):
             yield i - lo, self._name(self._kid_ref[i]).decode(), self._kid_ino[i]
 
+    def listing(self, dir_ino: int, start: int = 0) -> Iterator[tuple[int, bytes, int, Stat]]:
+        """`(position, name, inode, stat(inode))` from position `start`: `children` for
+        readdir, which wants name bytes and attributes for every entry.
+
+        `stat` inlined for the common rows: a `find` over a layer spends most of its
+        daemon time here (a microsecond per entry counts against the kernel's own cost).
+        """
+        self._check(dir_ino)
+        lo, hi = self._kids_at[dir_ino - 1], self._kids_at[dir_ino]
+        c = self._cols
+        names, name_at, kind, size = c.names, c.name_at, c.kind, c.size
+        mode, uid, gid, mtime_ns = c.mode, c.uid, c.gid, c.mtime_ns
+        refs, inos, rows, nlinks, odd = (
+            self._kid_ref, self._kid_ino, self._row, self._nlink, self._odd
+        )
+        for i in range(lo + max(start, 0), hi):
+            ino, ref = inos[i], refs[i]
+            row = rows[ino - 1]
+            # rare rows (whiteouts, odd values, links, devices) take stat's long way
+            if (ref | row) & _WHITEOUT or row in odd or (code := kind[row] & TYPE_MASK) > _REG:
+                yield i - lo, self._name(ref), ino, self.stat(ino)
+                continue
+            yield (
+                i - lo,
+                names[name_at[ref] : name_at[ref + 1]],
+                ino,
+                (_IFMT[code] | (mode[row] & 0o7777), nlinks[ino - 1], uid[row], gid[row],
+                 size[row] if code == _REG else 0, mtime_ns[row], 0),
+            )
+
     def parent(self, dir_ino: int) -> int:
         """The parent directory's inode; 0 for ROOT (its parent is outside the layer)."""
         self._check(dir_ino)
@@ -205,6 +239,28 @@ class LayerTree:
             rdev=rdev,
             target=target,
         )
+
+    def stat(self, ino: int) -> Stat:
+        """`(mode, nlink, uid, gid, size, mtime_ns, rdev)` of `node(ino)`: all the kernel's
+        attributes need, without the names and objects a `Node` makes. getattr, lookup and
+        every readdir entry call it, so the common rows take the shortest path."""
+        row = self._check(ino)
+        if row & _WHITEOUT or row in self._odd:
+            n = self.node(ino)
+            return n.mode, n.nlink, n.uid, n.gid, n.size, n.mtime_ns, n.rdev
+        c = self._cols
+        code = c.kind[row] & TYPE_MASK
+        rdev = 0
+        if code == _REG:
+            size = c.size[row]
+        elif code == _SYMLINK:
+            size = len(self.toc.link_name(row).encode(errors="surrogateescape"))
+        else:
+            size = 0
+            if code in (_CHAR, _BLOCK):
+                rdev = os.makedev(*self.toc.device(row))
+        return (_IFMT[code] | (c.mode[row] & 0o7777), self._nlink[ino - 1], c.uid[row],
+                c.gid[row], size, c.mtime_ns[row], rdev)
 
     def _node_of(self, ino: int, e: Entry) -> Node:
         code = ENTRY_TYPES.index(e.type)

@@ -137,6 +137,28 @@ def test_children_resume_at_a_position() -> None:
     assert tree.lookup(tree.lookup(ROOT, "a") or 0, "x") is None  # lookup in a file
 
 
+@pytest.mark.parametrize("layer", [lower_layer, upper_layer, "odd"])
+def test_stat_and_listing_agree_with_node_and_children(layer) -> None:  # type: ignore[no-untyped-def]
+    """The fast paths readdir, lookup and getattr use say what `node` and `children` say."""
+    if layer == "odd":  # values the TOC's columns cannot hold, between common rows
+        b = LayerBuilder().dir("").file("a", b"1").file("b", b"22", mode=0o4755)
+        b.file("c", b"3", uid=1 << 40).file("d", b"4", gid=7)
+        b.add("e", "symlink", link_name="caf\udce9").add("f", "fifo", mode=0o600)
+        toc = b.toc()
+        assert toc.odd_rows
+    else:
+        toc = layer().toc()
+    tree = LayerTree.from_toc(toc)
+    for ino in range(1, len(tree) + 1):
+        n = tree.node(ino)
+        assert tree.stat(ino) == (n.mode, n.nlink, n.uid, n.gid, n.size, n.mtime_ns, n.rdev)
+        if n.is_dir:
+            for start in (0, 1):
+                want = [(p, os.fsencode(name), c, tree.stat(c))
+                        for p, name, c in tree.children(ino, start)]
+                assert list(tree.listing(ino, start)) == want
+
+
 def test_size_counts_file_content() -> None:
     tree = LayerTree.from_toc(upper_layer().toc())
     assert tree.total_size == len(b"upper\n") + len(b"hello\n") + len(b"new\n") + 13

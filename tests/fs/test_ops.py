@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import stat
@@ -83,7 +84,7 @@ class Listing:
         if len(self.names) >= self.room:
             return False
         self.names.append(name)
-        self.attrs.append(attrs)
+        self.attrs.append(copy.copy(attrs))  # the real one copies them into the reply
         self.next_ids.append(next_id)
         return True
 
@@ -156,6 +157,29 @@ async def test_readdir_pages_with_attributes(setup, monkeypatch) -> None:  # typ
     assert motd.st_nlink == 3 and motd.st_size == 6
     file = await walk(ops, "2/motd")
     assert await fuse_errno(ops.opendir(file.st_ino, CTX)) == errno.ENOTDIR
+
+
+async def test_readdir_attributes_equal_lookup_attributes(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """readdirplus fills the kernel's cache: each entry must say what lookup would say,
+    including the rare rows (whiteouts, hardlinks, devices, symlinks) between common ones."""
+    ops, *_ = setup
+    pending = [ROOT]
+    seen = 0
+    while pending:
+        ino = pending.pop()
+        listing = Listing()
+        monkeypatch.setattr(pyfuse3, "readdir_reply", listing)
+        fh = await ops.opendir(ino, CTX)
+        await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+        await ops.releasedir(fh)
+        for name, listed in zip(listing.names, listing.attrs, strict=True):
+            looked_up = await ops.lookup(ino, name, CTX)
+            assert listed.__getstate__() == looked_up.__getstate__(), name
+            assert (await ops.getattr(listed.st_ino, CTX)).__getstate__() == listed.__getstate__()
+            if stat.S_ISDIR(listed.st_mode):
+                pending.append(listed.st_ino)
+            seen += 1
+    assert seen == 2 + 13 + 16  # layers, then every name in the lower and upper layer
 
 
 async def test_readlink_and_xattrs(setup) -> None:  # type: ignore[no-untyped-def]
