@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 from array import array
 from bisect import bisect_left
 from typing import Any
@@ -36,7 +37,9 @@ class TocBuilder:
     """
 
     def __init__(self) -> None:
-        self._names = bytearray()
+        # BytesIO, not bytearray: `getvalue()` hands the buffer to the Toc where bytes()
+        # would copy it, and the copies were the parse's peak (~40 B/entry).
+        self._names = io.BytesIO()
         self._name_at = array("I", [0])
         self._parent = array("I")
         self._kind = array("B")
@@ -48,7 +51,8 @@ class TocBuilder:
         self._chunk_at = array("I")
         self._c_pos, self._c_size = array("Q"), array("Q")
         self._c_offset, self._c_end, self._c_inner = array("Q"), array("Q"), array("Q")
-        self._c_digest = bytearray()
+        self._c_digest = io.BytesIO()
+        self._c_last = ""  # digest of the last chunk added, as given
         self._c_odd: dict[int, str] = {}
         self._links = _SparseText()
         self._digests = _SparseText()  # file digests that are not implied by kind flags
@@ -87,8 +91,7 @@ class TocBuilder:
             else:
                 parent = found + 1
         self._paths.setdefault(name, i)
-        self._names += base.encode()
-        self._name_at.append(len(self._names))
+        self._name_at.append(self._name_at[-1] + self._names.write(base.encode()))
         self._parent.append(parent)
         self._chunk_at.append(len(self._c_pos))
         code = TYPE_CODE.get(type, OTHER_TYPE)
@@ -154,7 +157,8 @@ class TocBuilder:
         if raw is None:
             self._c_odd[j] = digest
             raw = bytes(32)
-        self._c_digest += raw
+        self._c_digest.write(raw)
+        self._c_last = digest
         return j
 
     def set_chunk_end(self, j: int, end: int) -> None:
@@ -167,7 +171,9 @@ class TocBuilder:
             return
         i = len(self._kind) - 1
         first = self._chunk_at[i]
-        if len(self._c_pos) - first == 1 and digest == self._chunk_digest(first):
+        # One chunk: the last added. Its digest as given equals what the columns give
+        # back (only canonical lowercase sha256 is stored raw).
+        if len(self._c_pos) - first == 1 and digest == self._c_last:
             self._kind[i] |= DIGEST_IS_CHUNK
         elif digest == EMPTY_DIGEST and first == len(self._c_pos):
             self._kind[i] |= DIGEST_IS_EMPTY
@@ -176,21 +182,18 @@ class TocBuilder:
 
     def _path(self, i: int) -> str:
         """Row i's full path, from the columns so far (for the path index)."""
-        names, at, parent = self._names, self._name_at, self._parent
-        parts = [names[at[i] : at[i + 1]]]
-        p = parent[i]
-        while p and p != NO_PARENT:
-            i = p - 1
-            parts.append(names[at[i] : at[i + 1]])
+        at, parent = self._name_at, self._parent
+        with self._names.getbuffer() as names:  # released before the next write
+            parts = [bytes(names[at[i] : at[i + 1]])]
             p = parent[i]
+            while p and p != NO_PARENT:
+                i = p - 1
+                parts.append(bytes(names[at[i] : at[i + 1]]))
+                p = parent[i]
         if i in self._orphans:
             parts.append(self._orphans[i].encode())
         parts.reverse()
         return b"/".join(parts).decode()
-
-    def _chunk_digest(self, j: int) -> str:
-        odd = self._c_odd.get(j)
-        return odd if odd is not None else _SHA256 + self._c_digest[32 * j : 32 * j + 32].hex()
 
     def build(
         self, *, toc_offset: int = 0, blob_size: int = 0,
@@ -216,13 +219,13 @@ class TocBuilder:
         self._paths, self._orphans = PathIndex(self._path), {}
         self._chunk_at.append(len(self._c_pos))
         toc.columns = TocColumns(
-            names=bytes(self._names), name_at=self._name_at, parent=self._parent,
+            names=self._names.getvalue(), name_at=self._name_at, parent=self._parent,
             kind=self._kind, mode=self._mode, uid=self._uid, gid=self._gid,
             mtime_ns=self._mtime, size=self._size, chunk_at=self._chunk_at,
         )  # fmt: skip
         toc._c_pos, toc._c_size, toc._c_offset = self._c_pos, self._c_size, self._c_offset
         toc._c_end, toc._c_inner = self._c_end, self._c_inner
-        toc._c_digest, toc._c_odd = bytes(self._c_digest), self._c_odd
+        toc._c_digest, toc._c_odd = self._c_digest.getvalue(), self._c_odd
         toc._links, toc._digests = self._links.frozen(), self._digests.frozen()
         toc._odd = self._odd
         toc.toc_offset, toc.blob_size = toc_offset, blob_size
