@@ -6,10 +6,11 @@ hand them in. Everything a hostile blob can say is validated here before `fs/` s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from snapshotter.digest import Digest
@@ -156,7 +157,9 @@ def _inflate(data: bytes, skip: int, want: int, what: str, *, upto: bool = False
     return out.getvalue()
 
 
-def _blocks(member: TocSource, origin: int) -> Iterator[bytes | memoryview]:
+def _blocks(
+    member: TocSource, origin: int, see: Callable[[bytes], None] | None = None
+) -> Iterator[bytes | memoryview]:
     """The compressed bytes of `member` in 64 KiB blocks, from the start each time: an
     in-memory member is sliced, a file is read from `origin` on."""
     if isinstance(member, bytes | bytearray | memoryview):
@@ -166,6 +169,8 @@ def _blocks(member: TocSource, origin: int) -> Iterator[bytes | memoryview]:
         return
     member.seek(origin)
     while block := member.read(_IN_STEP):
+        if see is not None:
+            see(block)
         yield block
 
 
@@ -228,7 +233,10 @@ def _origin(member: TocSource) -> int:
     return 0 if isinstance(member, bytes | bytearray | memoryview) else member.tell()
 
 
-def _toc_json_pieces(member: TocSource, origin: int, max_size: int) -> Iterator[bytes]:
+def _toc_json_pieces(
+    member: TocSource, origin: int, max_size: int, see: Callable[[bytes], None] | None = None
+) -> Iterator[bytes]:
+    """`toc_json_pieces`; `see` gets each compressed block read from a file for the JSON."""
     what = "eStargz toc member"
     head = b"".join(_inflate_pieces(_blocks(member, origin), 0, _TOC_SLACK, what))
     try:
@@ -249,7 +257,7 @@ def _toc_json_pieces(member: TocSource, origin: int, max_size: int) -> Iterator[
         raise InvalidTOC(f"{what}: not a tar stream: {exc}") from None
     del head
     n = 0
-    for piece in _inflate_pieces(_blocks(member, origin), start, info.size, what):
+    for piece in _inflate_pieces(_blocks(member, origin, see), start, info.size, what):
         n += len(piece)
         yield piece
     if n != info.size:
@@ -282,19 +290,26 @@ def parse_toc_member(
     mismatch is DataLoss, and nothing has been parsed), the second inflates again and
     parses. The JSON, several times the member's size, is never held whole; inflating
     twice costs a fraction of the parse. With no digest the first pass is skipped.
+
+    A member in a file is read once per pass, so the parsed bytes must be the verified
+    ones: the compressed bytes of both reads are hashed (cheaper than the JSON again)
+    and must match, DataLoss otherwise, before the Toc is returned.
     """
     origin = _origin(member)
+    read = [hashlib.sha256(), hashlib.sha256()]
     if toc_digest is not None:
         verifier = toc_digest.verifier()
-        for piece in _toc_json_pieces(member, origin, max_size):
+        for piece in _toc_json_pieces(member, origin, max_size, read[0].update):
             verifier.update(piece)
         verifier.verify(what)
-    return parse_toc(
-        _toc_json_pieces(member, origin, max_size),
-        blob_size=blob_size,
-        toc_offset=toc_offset,
-        max_entries=max_entries,
-    )
+    pieces = _toc_json_pieces(member, origin, max_size, read[1].update)
+    toc = parse_toc(pieces, blob_size=blob_size, toc_offset=toc_offset, max_entries=max_entries)
+    if toc_digest is not None:
+        for _ in pieces:  # the parse stops at the document's end; the pieces may go on
+            pass
+        if read[0].digest() != read[1].digest():
+            raise DataLoss(f"{what}: changed while it was read again for the parse")
+    return toc
 
 
 def extract_chunk(compressed: bytes, chunk: Chunk) -> bytes:

@@ -175,3 +175,31 @@ def test_parsing_holds_pieces_not_the_json() -> None:
         tracemalloc.stop()
     assert len(toc) == 2001
     assert peak - kept < 1 << 20, f"{(peak - kept) >> 10} KiB beyond the Toc"
+
+
+class _Fickle:
+    """A file that gives other bytes from its third seek on: the second pass of a parse."""
+
+    def __init__(self, first: bytes, then: bytes) -> None:
+        self._files = [io.BytesIO(first), io.BytesIO(then)]
+        self._f, self._seeks = self._files[0], 0
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, pos: int) -> int:
+        self._seeks += 1
+        self._f = self._files[self._seeks > 2]
+        return self._f.seek(pos)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+
+def test_a_file_that_changes_between_the_passes_is_data_loss() -> None:
+    doc, other = _doc(300), _doc(301)
+    f = _Fickle(_member(doc), _member(other))
+    with pytest.raises(DataLoss, match="changed while it was read again"):
+        _parse_member(f, Digest.of(doc))
+    steady = _Fickle(_member(doc), _member(doc))
+    assert len(_parse_member(steady, Digest.of(doc))) == 302
