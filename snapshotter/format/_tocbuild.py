@@ -25,6 +25,8 @@ from snapshotter.format.toc import (
 __all__ = ["TocBuilder"]
 
 _SHA256 = "sha256:"
+_U32 = 0xFFFF_FFFF
+_CHUNK_COLUMNS = ("_c_pos", "_c_size", "_c_offset", "_c_end", "_c_inner")
 
 
 class TocBuilder:
@@ -49,8 +51,9 @@ class TocBuilder:
         self._mtime = array("q")
         self._size = array("Q")
         self._chunk_at = array("I")
-        self._c_pos, self._c_size = array("Q"), array("Q")
-        self._c_offset, self._c_end, self._c_inner = array("Q"), array("Q"), array("Q")
+        # 32-bit until a value needs more (a file or blob over 4 GiB): 20 bytes a chunk.
+        self._c_pos, self._c_size = array("I"), array("I")
+        self._c_offset, self._c_end, self._c_inner = array("I"), array("I"), array("I")
         self._c_digest = io.BytesIO()
         self._c_last = ""  # digest of the last chunk added, as given
         self._c_odd: dict[int, str] = {}
@@ -148,11 +151,19 @@ class TocBuilder:
     ) -> int:  # fmt: skip
         """Append a chunk of the last entry; returns its row (for `set_chunk_end`)."""
         j = len(self._c_pos)
-        self._c_pos.append(chunk_offset)
-        self._c_size.append(size)
-        self._c_offset.append(offset)
-        self._c_end.append(end)
-        self._c_inner.append(inner_offset)
+        try:
+            self._c_pos.append(chunk_offset)
+            self._c_size.append(size)
+            self._c_offset.append(offset)
+            self._c_end.append(end)
+            self._c_inner.append(inner_offset)
+        except OverflowError:
+            for attr, value in zip(
+                _CHUNK_COLUMNS, (chunk_offset, size, offset, end, inner_offset), strict=True
+            ):
+                col = getattr(self, attr)
+                del col[j:]  # the columns appended to before the one that overflowed
+                self._wide(attr, value).append(value)
         raw = _raw_sha256(digest)
         if raw is None:
             self._c_odd[j] = digest
@@ -162,7 +173,18 @@ class TocBuilder:
         return j
 
     def set_chunk_end(self, j: int, end: int) -> None:
-        self._c_end[j] = end
+        try:
+            self._c_end[j] = end
+        except OverflowError:
+            self._wide("_c_end", end)[j] = end
+
+    def _wide(self, attr: str, value: int) -> array[int]:
+        """Chunk column `attr`, widened to 64 bits first if `value` needs it."""
+        col: array[int] = getattr(self, attr)
+        if value > _U32 and col.typecode == "I":
+            col = array("Q", col)
+            setattr(self, attr, col)
+        return col
 
     def _end_file(self) -> None:
         """Record the last entry's file digest now that its chunks are all known."""

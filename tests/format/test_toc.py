@@ -461,3 +461,27 @@ def test_chunks_within_finds_neighbours_in_blob_order() -> None:
     assert toc.chunks_within(400, 400) == []
     shuffled = Toc(entries=[Entry("", "dir", mode=0o755), reg("a", 500, 600), reg("b", 100, 200)])
     assert shuffled.chunks_within(0, 1000) == []  # not in blob order: no neighbours
+
+
+def test_chunk_values_past_32_bits_are_kept_whole() -> None:
+    """Chunk columns start 32-bit and widen when a file or blob passes 4 GiB."""
+    big = 5 << 30
+    entries = [
+        {"name": "small", "type": "reg", "size": 10, "offset": 1000, "chunkDigest": D1},
+        {"name": "huge", "type": "reg", "size": 2 * big, "offset": 2000, "chunkSize": big,
+         "chunkDigest": D2},
+        {"name": "huge", "type": "chunk", "offset": big + 3000, "chunkOffset": big,
+         "chunkSize": big, "chunkDigest": D3},
+    ]  # fmt: skip
+    toc = parse_toc(json.dumps({"version": 1, "entries": entries}).encode(),
+                    blob_size=3 * big, toc_offset=2 * big)  # fmt: skip
+    assert [(c.chunk_offset, c.size, c.offset, c.end) for c in toc.chunks()] == [
+        (0, 10, 1000, 2000),
+        (0, big, 2000, big + 3000),
+        (big, big, big + 3000, 2 * big),
+    ]
+    assert [c.offset for c in toc.chunks_within(2000, 2 * big)] == [2000, big + 3000]
+    inner = Chunk(big, 10, big, big + 50, big + 7, D1)  # every column past 32 bits at once
+    built = Toc(entries=[Entry("", "dir"), Entry("f", "reg", size=big + 10, chunks=(
+        Chunk(0, big, 0, big, 0, D2), inner))])  # fmt: skip
+    assert list(built.chunks())[-1] == inner

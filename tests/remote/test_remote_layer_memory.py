@@ -96,7 +96,7 @@ def test_peak_rss_per_entry_while_a_100k_entry_toc_loads(tmp_path: Path) -> None
           f"{kept:.0f} after")  # fmt: skip
     assert n > N
     assert len(list((tmp_path / "tocs").iterdir())) == 1  # kept for a restart
-    # ~225 today: the Toc's columns (~150) and allocator slack; the fetched copy of the
+    # ~190 today: the Toc's columns (~130) and allocator slack; the fetched copy of the
     # member counts too (the base is taken after the blob is read). Holding the
     # inflated JSON during the parse, as before, would add ~340.
     assert peak < 300
