@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 # limit) when stored, so this only stops a damaged file from inflating without end.
 MAX_STORED_TOC_SIZE = 1 << 30
 _GZIP_MAGIC = b"\x1f\x8b"
+_STALE_TMP = 3600.0  # seconds: no add takes that long
 
 
 class TocStore:
@@ -39,6 +41,18 @@ class TocStore:
 
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove temp files a dead daemon left mid-`add` (old ones only: another store
+        on this directory may be writing a fresh one). Best effort."""
+        cutoff = time.time() - _STALE_TMP
+        try:
+            for tmp in self.dir.glob(".tmp-*"):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("toc store %s: temp files not swept: %s", self.dir, exc)
 
     def _path(self, digest: Digest) -> Path:
         return self.dir / digest.hex

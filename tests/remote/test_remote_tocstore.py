@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import os
 import tarfile
 from pathlib import Path
 
@@ -112,3 +113,12 @@ def test_damaged_file_is_removed_and_not_served(
         assert _load(TocStore(tmp_path), layer) is None
     assert not path.exists()
     assert "damaged" in caplog.text
+
+
+def test_old_temp_files_are_swept_fresh_ones_kept(tmp_path) -> None:
+    old, fresh = tmp_path / ".tmp-old", tmp_path / ".tmp-fresh"
+    old.write_bytes(b"half a member")
+    fresh.write_bytes(b"being written")
+    os.utime(old, (1, 1))
+    TocStore(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-fresh"]
