@@ -1,6 +1,6 @@
 """One layer's read-only tree as the kernel should see it: inodes, names, attributes.
 
-Pure data built once from a `Toc`; no FUSE, no I/O. `fs/ops.py` turns a `Node` into
+Pure data built once from a `Toc`; no FUSE, no I/O. `fs/ops.py` turns a `Stat` into
 pyfuse3 attributes and `fs/repository.py` gives each tree a slot in the global inode space.
 """
 
@@ -89,6 +89,7 @@ class LayerTree:
         ino = tree.lookup(ROOT, "etc")
         node = tree.node(tree.lookup(ino, "passwd"))  # node.mode, node.size, ...
         for pos, name, child in tree.children(ino): ...
+        for pos, name, child, st in tree.listing(ino): ...  # name bytes, `Stat` tuples
     """
 
     __slots__ = (
