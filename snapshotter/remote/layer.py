@@ -6,7 +6,6 @@ or served; format/ does the byte-level work, this module only fetches and decide
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -72,7 +71,6 @@ async def load_toc(
     allow_unverified: bool = False,
     timeout: float = 30.0,
     name: str = "layer",
-    raw_sink: Callable[[bytes], None] | None = None,
     toc_store: TocStore | None = None,
 ) -> Toc:
     """The validated TOC of the eStargz blob behind `fetch_range`.
@@ -86,8 +84,7 @@ async def load_toc(
 
     To keep the TOC for restarts, pass `toc_store`: a verified TOC's member (as fetched,
     gzip, a fraction of the JSON) is written there and parsed back from the file, so
-    the daemon does not hold it during the parse. `raw_sink`, if given instead, receives
-    the member once its JSON has been verified and parsed.
+    the daemon does not hold it during the parse; nothing is kept if it fails.
     """
     if toc_digest is None and not allow_unverified:
         raise TocDigestMissing(f"{name}: no toc digest; refusing to serve an unverified layer")
@@ -115,19 +112,15 @@ async def load_toc(
     def decode() -> Toc:
         # Streamed from the compressed member: holding the inflated JSON and the parse
         # at once would set the daemon's peak RSS (hundreds of bytes per entry).
-        if toc_store is not None and toc_digest is not None and raw_sink is None:
+        if toc_store is not None and toc_digest is not None:
             return toc_store.add(
                 toc_digest, held.pop(), toc_offset, blob_size=blob_size,
                 max_size=max_toc_size, max_entries=max_entries, what=f"{name}: toc",
             )  # fmt: skip
-        member = held.pop()
-        toc = parse_toc_member(
-            member, toc_digest=toc_digest, blob_size=blob_size, toc_offset=toc_offset,
+        return parse_toc_member(
+            held.pop(), toc_digest=toc_digest, blob_size=blob_size, toc_offset=toc_offset,
             max_size=max_toc_size, max_entries=max_entries, what=f"{name}: toc",
         )  # fmt: skip
-        if raw_sink is not None:
-            raw_sink(member)
-        return toc
 
     # Inflating, hashing and parsing a large TOC takes long enough to stall FUSE.
     return await trio.to_thread.run_sync(decode)
