@@ -29,7 +29,7 @@ import trio
 
 from snapshotter.errors import FailedPrecondition, Unavailable
 from snapshotter.fs import handoff
-from snapshotter.fs.ops import RepositoryOperations
+from snapshotter.fs.ops import LISTING_ENTRIES, RepositoryOperations
 from snapshotter.fs.repository import Repository
 
 __all__ = [
@@ -202,8 +202,9 @@ class _HandoffOperations(RepositoryOperations):
     """
 
     def __init__(self, repository: Repository, *, read_timeout: float, device_fd: int,
-                 libfuse_fd: int) -> None:
-        super().__init__(repository, read_timeout=read_timeout)
+                 libfuse_fd: int, listing_entries: int = LISTING_ENTRIES) -> None:
+        super().__init__(repository, read_timeout=read_timeout,
+                         listing_entries=listing_entries)
         self.device_fd = device_fd
         self.libfuse_fd = libfuse_fd
         self.switched = trio.Event()
@@ -232,6 +233,7 @@ async def run_repository(
     *,
     read_timeout: float = 30.0,
     max_tasks: int = 64,
+    listing_entries: int = LISTING_ENTRIES,
     holder: Path | None = None,
     serve_after: trio.Event | None = None,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
@@ -242,7 +244,8 @@ async def run_repository(
     the mountpoint once the kernel has the mount (requests are answered from then on, or
     once `serve_after` is set: until then the kernel queues them). Returns early if
     someone unmounts the mountpoint from outside. Up to `max_tasks` requests are served
-    concurrently; a read still waiting after `read_timeout` seconds answers EIO.
+    concurrently; a read still waiting after `read_timeout` seconds answers EIO. Up to
+    `listing_entries` directory entries are kept for readdir (see RepositoryOperations).
 
     With `holder` (a socket path; needs root) the connection outlives this call: it is
     taken over from a holder there if one keeps the mount at `mountpoint`, else mounted
@@ -266,12 +269,13 @@ async def run_repository(
         if holder is None:
             await clear_stale_mount(mountpoint)
             mountpoint.mkdir(parents=True, exist_ok=True)
-            ops: RepositoryOperations = RepositoryOperations(repository,
-                                                             read_timeout=read_timeout)
+            ops: RepositoryOperations = RepositoryOperations(
+                repository, read_timeout=read_timeout, listing_entries=listing_entries)
             pyfuse3.init(ops, os.fspath(mountpoint), set(_OPTIONS))
             await _serve(mountpoint, ops, None, serve_after, max_tasks, task_status)
         else:
             await _serve_handed_off(mountpoint, repository, holder, read_timeout=read_timeout,
+                                    listing_entries=listing_entries,
                                     max_tasks=max_tasks, serve_after=serve_after,
                                     task_status=task_status)
     finally:
@@ -280,7 +284,8 @@ async def run_repository(
 
 async def _serve_handed_off(
     mountpoint: Path, repository: Repository, holder: Path, *, read_timeout: float,
-    max_tasks: int, serve_after: trio.Event | None, task_status: trio.TaskStatus[Path],
+    listing_entries: int, max_tasks: int, serve_after: trio.Event | None,
+    task_status: trio.TaskStatus[Path],
 ) -> None:
     # Nothing may stat the mountpoint before serving starts: a kept mount's requests
     # wait for this very process.
@@ -305,6 +310,7 @@ async def _serve_handed_off(
     with init_end:
         init_end.send(held.init)
     ops = _HandoffOperations(repository, read_timeout=read_timeout, device_fd=held.fd,
+                             listing_entries=listing_entries,
                              libfuse_fd=libfuse_end.detach())
     try:
         pyfuse3.init(ops, f"/dev/fd/{ops.libfuse_fd}", set(_OPTIONS))

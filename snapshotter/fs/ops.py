@@ -24,7 +24,7 @@ from snapshotter.format.toc import Entry
 from snapshotter.fs.repository import AttachedLayer, Repository
 from snapshotter.fs.tree import ROOT, Stat
 
-__all__ = ["ATTR_TIMEOUT", "RepositoryOperations"]
+__all__ = ["ATTR_TIMEOUT", "LISTING_ENTRIES", "RepositoryOperations"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # not walk it. The root's own attributes (nlink, mtime) may lag by a second: the
 # kernel's permission check needs them on every such walk.
 ATTR_TIMEOUT = 24 * 3600.0
+# Directory entries whose readdir answers are kept (see RepositoryOperations): ~9 MiB,
+# enough for a 30,000-file tree walked again, small next to a 100k-entry layer's tree.
+LISTING_ENTRIES = 32768
 _ENTRY_TIMEOUT_ROOT = 0.0
 _ATTR_TIMEOUT_ROOT = 1.0
 
@@ -140,12 +143,27 @@ class RepositoryOperations(pyfuse3.Operations):
     File and directory handles are the inode numbers, counted per inode: a daemon that
     took the mount over from its predecessor (`fs.mount`) reads files and directories
     the predecessor opened without ever having seen their `open`.
+
+    Directory listings: pyfuse3 cannot let the kernel cache them (FOPEN_CACHE_DIR), so
+    every readdir reaches Python. The last `listing_entries` entries listed (names and
+    attributes, whole directories, least recently listed dropped first; ~270 bytes
+    each) are kept, which makes a repeated walk cost what an in-memory tree costs.
     """
 
-    def __init__(self, repository: Repository, *, read_timeout: float = 30.0) -> None:
+    def __init__(
+        self, repository: Repository, *, read_timeout: float = 30.0,
+        listing_entries: int = LISTING_ENTRIES,
+    ) -> None:
         super().__init__()
         self.repository = repository
         self.read_timeout = read_timeout
+        self.listing_entries = listing_entries
+        # global directory inode -> (names, attributes); slots are never reused in a
+        # process, so an entry of a detached layer is only dead weight until dropped
+        self._listings: collections.OrderedDict[
+            int, tuple[list[bytes], list[pyfuse3.EntryAttributes]]
+        ] = collections.OrderedDict()
+        self._listed = 0  # entries in _listings
         self._files: dict[int, _OpenFile] = {}
         self._dirs: dict[int, tuple[AttachedLayer | None, int]] = {}
         self._dir_opens: collections.Counter[int] = collections.Counter()
@@ -254,6 +272,18 @@ class RepositoryOperations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, attrs, attached.slot):
                     return
             return
+        ino = layer.ino(local)
+        cached = self._listings.get(ino)
+        if cached is None and layer.tree.child_count(local) <= self.listing_entries // 8:
+            cached = self._listing(layer, local)
+        if cached is not None:
+            self._listings.move_to_end(ino)
+            names, attrs = cached
+            reply = pyfuse3.readdir_reply
+            for pos in range(max(start_id, 0), len(names)):
+                if not reply(token, names[pos], attrs[pos], pos + 1):
+                    return
+            return
         # One EntryAttributes for every entry: readdir_reply copies it into the reply at
         # once. A layer's directories never list its ROOT, so the timeouts stay put.
         # Fields equal to the previous entry's are not set again: neighbours mostly share
@@ -275,6 +305,22 @@ class RepositoryOperations(pyfuse3.Operations):
             last = st
             if not reply(token, name, a, pos + 1):
                 return
+
+    def _listing(
+        self, layer: AttachedLayer, local: int
+    ) -> tuple[list[bytes], list[pyfuse3.EntryAttributes]]:
+        """List a directory of `layer` whole into `_listings`, dropping the stalest."""
+        names, attrs = [], []
+        base = layer.ino(0)
+        for _, name, child, st in layer.tree.listing(local):
+            names.append(name)
+            attrs.append(_layer_attrs(layer))
+            _fill(attrs[-1], base | child, st)
+        while self._listings and self._listed + len(names) > self.listing_entries:
+            self._listed -= len(self._listings.popitem(last=False)[1][0])
+        self._listings[layer.ino(local)] = names, attrs
+        self._listed += len(names)
+        return names, attrs
 
     @_handler
     async def releasedir(self, fh: int) -> None:

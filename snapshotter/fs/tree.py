@@ -189,6 +189,10 @@ class LayerTree:
                  size[row] if code == _REG else 0, mtime_ns[row], 0),
             )
 
+    def child_count(self, dir_ino: int) -> int:
+        self._check(dir_ino)
+        return self._kids_at[dir_ino] - self._kids_at[dir_ino - 1]
+
     def parent(self, dir_ino: int) -> int:
         """The parent directory's inode; 0 for ROOT (its parent is outside the layer)."""
         self._check(dir_ino)

@@ -13,12 +13,20 @@ import pyfuse3
 import pytest
 import trio
 import trio.testing
-from fslayers import BIG, BIG_CHUNK, MTIME_NS, FakeChunkReader, lower_layer, upper_layer
+from fslayers import (
+    BIG,
+    BIG_CHUNK,
+    MTIME_NS,
+    FakeChunkReader,
+    LayerBuilder,
+    lower_layer,
+    upper_layer,
+)
 
 from snapshotter import errors
 from snapshotter.errors import InvalidArgument
 from snapshotter.format.whiteout import OVERLAY_OPAQUE_XATTR as OPAQUE_XATTR
-from snapshotter.fs.ops import ATTR_TIMEOUT, RepositoryOperations, errno_for
+from snapshotter.fs.ops import ATTR_TIMEOUT, LISTING_ENTRIES, RepositoryOperations, errno_for
 from snapshotter.fs.repository import (
     REPOSITORY_ROOT,
     LayerExists,
@@ -180,6 +188,64 @@ async def test_readdir_attributes_equal_lookup_attributes(setup, monkeypatch) ->
                 pending.append(listed.st_ino)
             seen += 1
     assert seen == 2 + 13 + 16  # layers, then every name in the lower and upper layer
+
+
+async def listing_of(ops: RepositoryOperations, ino: int, monkeypatch: pytest.MonkeyPatch,
+                     ) -> list[tuple[bytes, dict[str, Any]]]:
+    listing = Listing()
+    monkeypatch.setattr(pyfuse3, "readdir_reply", listing)
+    fh = await ops.opendir(ino, CTX)
+    await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+    await ops.releasedir(fh)
+    return [(n, a.__getstate__()) for n, a in zip(listing.names, listing.attrs, strict=True)]
+
+
+@pytest.mark.parametrize("budget", [0, 16, LISTING_ENTRIES])
+async def test_kept_listings_answer_as_fresh_ones_within_their_budget(
+    setup, monkeypatch, budget  # type: ignore[no-untyped-def]
+) -> None:
+    ops, repo, *_ = setup
+    fresh = RepositoryOperations(repo, listing_entries=0)
+    ops.listing_entries = budget
+    dirs = [(await walk(ops, p)).st_ino for p in ("2", "2/etc", "2/opq", "2/dev", "1/data", "1")]
+    for _ in range(3):  # first listed, then kept (or dropped and listed again)
+        for ino in dirs:
+            assert await listing_of(ops, ino, monkeypatch) == await listing_of(
+                fresh, ino, monkeypatch
+            )
+            assert await listdir(ops, ino, monkeypatch, page=1) == [
+                n for n, _ in await listing_of(fresh, ino, monkeypatch)
+            ]
+            assert ops._listed <= budget and fresh._listed == 0
+    assert len(ops._listings) == {0: 0, 16: 2, LISTING_ENTRIES: 6}[budget]
+
+
+async def test_the_least_recently_listed_directories_are_dropped(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    b = LayerBuilder().dir("")
+    for d in range(10):
+        b.dir(f"d{d}").file(f"d{d}/a", b"a").file(f"d{d}/b", b"bb").file(f"d{d}/c", b"")
+    repo = Repository()
+    repo.attach("5", b.toc(), b.reader())
+    ops = RepositoryOperations(repo, listing_entries=24)  # 8 directories of 3
+    fresh = RepositoryOperations(repo, listing_entries=0)
+    dirs = [(await walk(ops, f"5/d{d}")).st_ino for d in range(10)]
+    for ino in [*dirs, dirs[2], dirs[0]]:  # d2 listed again: d3 is the stalest then
+        assert await listing_of(ops, ino, monkeypatch) == await listing_of(
+            fresh, ino, monkeypatch
+        )
+        assert ops._listed == 3 * len(ops._listings) <= 24
+    assert list(ops._listings) == [*dirs[4:], dirs[2], dirs[0]]
+
+
+async def test_a_reattached_layer_id_never_lists_what_was_kept(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    ops, repo, _, upper_reader = setup
+    before = await listing_of(ops, (await walk(ops, "1")).st_ino, monkeypatch)
+    repo.detach("1")
+    repo.attach("1", upper_layer().toc(), upper_reader)
+    after = await listing_of(ops, (await walk(ops, "1")).st_ino, monkeypatch)
+    assert [n for n, _ in after] == [n for n, _ in await listing_of(
+        ops, (await walk(ops, "2")).st_ino, monkeypatch)]
+    assert {a["st_ino"] for _, a in after}.isdisjoint(a["st_ino"] for _, a in before)
 
 
 async def test_readlink_and_xattrs(setup) -> None:  # type: ignore[no-untyped-def]
