@@ -310,12 +310,30 @@ class RepositoryOperations(pyfuse3.Operations):
         self, layer: AttachedLayer, local: int
     ) -> tuple[list[bytes], list[pyfuse3.EntryAttributes]]:
         """List a directory of `layer` whole into `_listings`, dropping the stalest."""
-        names, attrs = [], []
-        base = layer.ino(0)
-        for _, name, child, st in layer.tree.listing(local):
+        names: list[bytes] = []
+        attrs: list[pyfuse3.EntryAttributes] = []
+        base, generation, new = layer.ino(0), layer.generation, pyfuse3.EntryAttributes
+        # `_fill` without the fields a new EntryAttributes holds already (blksize 4096,
+        # nlink 1, zeros): this runs once per entry of every directory first listed.
+        for _, name, child, (mode, nlink, uid, gid, size, mtime_ns, rdev) in layer.tree.listing(
+            local
+        ):
+            a = new()
+            a.attr_timeout = a.entry_timeout = ATTR_TIMEOUT
+            a.st_ino = base | child
+            a.st_mode = mode
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
+            if generation:
+                a.generation = generation
+            if nlink != 1:
+                a.st_nlink = nlink
+            if size:
+                a.st_size = size
+                a.st_blocks = (size + 511) // 512
+            if uid or gid or rdev:
+                a.st_uid, a.st_gid, a.st_rdev = uid, gid, rdev
             names.append(name)
-            attrs.append(_layer_attrs(layer))
-            _fill(attrs[-1], base | child, st)
+            attrs.append(a)
         while self._listings and self._listed + len(names) > self.listing_entries:
             self._listed -= len(self._listings.popitem(last=False)[1][0])
         self._listings[layer.ino(local)] = names, attrs

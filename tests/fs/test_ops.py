@@ -170,7 +170,9 @@ async def test_readdir_pages_with_attributes(setup, monkeypatch) -> None:  # typ
 async def test_readdir_attributes_equal_lookup_attributes(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """readdirplus fills the kernel's cache: each entry must say what lookup would say,
     including the rare rows (whiteouts, hardlinks, devices, symlinks) between common ones."""
-    ops, *_ = setup
+    ops, repo, _, upper_reader = setup
+    repo.detach("2")
+    repo.attach("2", upper_layer().toc(), upper_reader, generation=7)
     pending = [ROOT]
     seen = 0
     while pending:
@@ -183,6 +185,7 @@ async def test_readdir_attributes_equal_lookup_attributes(setup, monkeypatch) ->
         for name, listed in zip(listing.names, listing.attrs, strict=True):
             looked_up = await ops.lookup(ino, name, CTX)
             assert listed.__getstate__() == looked_up.__getstate__(), name
+            assert listed.generation == (0 if listed.st_ino >> 32 == 1 else 7)  # layer "1": 0
             assert (await ops.getattr(listed.st_ino, CTX)).__getstate__() == listed.__getstate__()
             if stat.S_ISDIR(listed.st_mode):
                 pending.append(listed.st_ino)
