@@ -314,9 +314,10 @@ class Repository:
         cached = getattr(layer.reader, "read_cached", None)
         pieces: list[bytes | None] = []
         missing: list[Chunk] = []
-        for chunk in wanted:
-            lo = max(off - chunk.chunk_offset, 0)
-            hi = min(end - chunk.chunk_offset, chunk.size)
+        # The part of each chunk this read covers, in the chunk's own offsets.
+        spans = [(max(off - c.chunk_offset, 0), min(end - c.chunk_offset, c.size))
+                 for c in wanted]
+        for chunk, (lo, hi) in zip(wanted, spans, strict=True):
             data = self._memo.get(chunk.digest)
             if data is not None:
                 self._memo.move_to_end(chunk.digest)
@@ -344,8 +345,8 @@ class Repository:
                 got[chunk.digest] = data
             for i, chunk in enumerate(wanted):
                 if pieces[i] is None:
-                    lo = max(off - chunk.chunk_offset, 0)
-                    pieces[i] = got[chunk.digest][lo : min(end - chunk.chunk_offset, chunk.size)]
+                    lo, hi = spans[i]
+                    pieces[i] = got[chunk.digest][lo:hi]
         out = b"".join(p for p in pieces if p is not None)
         layer.bytes_read += len(out)
         return out

@@ -231,8 +231,9 @@ class RemoteBlob:
         results: dict[str, bytes] = {}
         errors: list[BaseException] = []
 
-        async def one(text: str, chunk: Chunk) -> None:
-            source = ranges.get(text) or _SharedRange(
+        async def take(chunk: Chunk) -> bytes:
+            """The chunk through the cache, fetched from its planned range if missing."""
+            source = ranges.get(chunk.digest) or _SharedRange(
                 self, chunk.offset, chunk.end, [chunk], purpose
             )
             fetched = False
@@ -243,32 +244,26 @@ class RemoteBlob:
                 fetched = True
                 return data
 
-            try:
-                results[text] = await self.cache.get_or_fetch(
-                    digests[text], fetch, what=self._what(chunk)
-                )
-            except Exception as exc:
-                errors.append(exc)
-                return
+            data = await self.cache.get_or_fetch(
+                _parse_digest(chunk.digest, self.name), fetch, what=self._what(chunk)
+            )
             if fetched:
                 self._chunks_fetched += 1
             else:
                 self._hits += 1
+            return data
+
+        async def one(text: str, chunk: Chunk) -> None:
+            try:
+                results[text] = await take(chunk)
+            except Exception as exc:
+                errors.append(exc)
 
         async def alongside(chunk: Chunk) -> None:
-            source = ranges[chunk.digest]
-
-            async def fetch() -> bytes:
-                return await source.extract(chunk)
-
             try:
-                await self.cache.get_or_fetch(
-                    _parse_digest(chunk.digest, self.name), fetch, what=self._what(chunk)
-                )
+                await take(chunk)
             except LazysnapError as exc:
                 log.warning("%s: neighbour fetched along failed: %s", self._what(chunk), exc)
-            else:
-                self._chunks_fetched += 1
 
         waits = purpose == "demand" and bool(missing)
         gauge = self.demand if waits else None
@@ -301,21 +296,20 @@ class RemoteBlob:
         self, last: _SharedRange, along: Sequence[Chunk], taken: dict[str, Chunk]
     ) -> list[Chunk]:
         """Grow `last` over the chunks of `along` that follow it and nobody has yet."""
-        extra: list[Chunk] = []
+        extra: dict[str, Chunk] = {}
         for chunk in along:
             if chunk.end <= last.end or chunk.offset < last.end:
                 continue  # inside (or overlapping) the range already
             if chunk.end - last.start > COALESCE_LIMIT or chunk.end > self.blob_size:
                 break
-            if chunk.digest in taken or chunk.digest in (c.digest for c in extra):
+            if chunk.digest in taken or chunk.digest in extra:
                 break
-            digest = _parse_digest(chunk.digest, self.name)
-            if self.cache.has_or_fetching(digest):
+            if self.cache.has_or_fetching(_parse_digest(chunk.digest, self.name)):
                 break
             last.end = chunk.end
             last.chunks.append(chunk)
-            extra.append(chunk)
-        return extra
+            extra[chunk.digest] = chunk
+        return list(extra.values())
 
     def _what(self, chunk: Chunk) -> str:
         return f"{self.name}: chunk {chunk.digest} at [{chunk.offset}, {chunk.end})"

@@ -67,16 +67,10 @@ class TocStore:
         go of it: holding it through the parse would add its size (~50 bytes per entry)
         to the daemon's peak. Errors are `parse_toc_member`'s; nothing is kept then.
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
+        tmp = self._write(member, toc_offset)
+        del member  # the caller's was its last other reference
         try:
-            with os.fdopen(fd, "w+b") as f:
-                f.write(b"%d\n" % toc_offset)
-                f.write(member)
-                del member  # the caller's was its last other reference
-                f.flush()
-                os.fsync(f.fileno())
-                f.seek(0)
+            with open(tmp, "rb") as f:
                 f.readline()
                 toc = parse_toc_member(
                     f, toc_digest=digest, blob_size=blob_size, toc_offset=toc_offset,
@@ -84,13 +78,17 @@ class TocStore:
                 )  # fmt: skip
             os.replace(tmp, self._path(digest))
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return toc
 
     def save(self, digest: Digest, member: bytes, toc_offset: int) -> None:
         """Keep a TOC member whose JSON the caller has verified against `digest`
         (checking again would inflate it once more; `load` checks before use)."""
+        os.replace(self._write(member, toc_offset), self._path(digest))
+
+    def _write(self, member: bytes, toc_offset: int) -> Path:
+        """A synced temp file in the store holding the offset line and `member`."""
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
         try:
@@ -99,10 +97,10 @@ class TocStore:
                 f.write(member)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self._path(digest))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return Path(tmp)
 
     def load(
         self,
