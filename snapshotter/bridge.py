@@ -128,12 +128,13 @@ class FuseRemoteLayers:
         cache: ChunkCache,
         token: trio.lowlevel.TrioToken,
         hooks: Sequence[LayerHooks] = (),
+        hosts: HostPool | None = None,
     ) -> None:
         self._cfg = cfg
         # Prefetch and background completion of each attached layer (remote/warm.py; the
         # daemon runs `warmer.run`); every range request goes through `hosts`.
         self.warmer = Warmer(_warm_policy(cfg))
-        self.hosts = HostPool(cfg.max_connections_per_host)
+        self.hosts = hosts or HostPool(cfg.max_connections_per_host)
         self._hooks = (*hooks, WarmHooks(self.warmer, token))
         self._repo = repository
         self._client = client

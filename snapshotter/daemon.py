@@ -33,6 +33,7 @@ from snapshotter.fs.mount import run_repository
 from snapshotter.fs.repository import Repository
 from snapshotter.profiles import start_layer_hooks
 from snapshotter.registry.client import RegistryClient
+from snapshotter.remote.warm import HostPool
 from snapshotter.service.server import SnapshotServer
 
 __all__ = ["run", "setup_logging"]
@@ -128,11 +129,15 @@ async def _serve(cfg: Config) -> None:
                                 holder=cfg.root / HOLDER_SOCKET, serve_after=restored),
                         cfg.root / "repo", repo,
                     )
+                    # Every range request to a registry host, whoever makes it, shares
+                    # one bound (`max_connections_per_host`).
+                    hosts = HostPool(cfg.max_connections_per_host)
                     hooks = await start_layer_hooks(nursery, cfg, repo, client, cache,
-                                                    restored=restored)
+                                                    restored=restored,
+                                                    fetcher=_fetcher(client, hosts))
                     remote = FuseRemoteLayers(
                         cfg, repository=repo, client=client, cache=cache,
-                        token=trio.lowlevel.current_trio_token(), hooks=hooks,
+                        token=trio.lowlevel.current_trio_token(), hooks=hooks, hosts=hosts,
                     )
                     # Before restore: restored layers resume their background fetch.
                     await nursery.start(remote.warmer.run)
@@ -150,7 +155,9 @@ async def _serve(cfg: Config) -> None:
                     proxy.start()
                 nursery.start_soon(_status_loop, cfg, remote, cache, store)
                 await nursery.start(ControlServer(cfg.root / CONTROL_SOCKET, {
-                    "prefetch": prefetch_handler(cfg, client, cache, _fetcher(client, remote)),
+                    "prefetch": prefetch_handler(
+                        cfg, client, cache,
+                        _fetcher(client, remote.hosts) if remote is not None else None),
                 }).run)
                 log.info("lazysnap ready (root %s, lazy %s)", cfg.root, "on" if cfg.lazy else "off")
                 async for signum in signals:
@@ -187,11 +194,10 @@ def _layer_rows(
         return []
 
 
-def _fetcher(client: RegistryClient, remote: FuseRemoteLayers | None) -> Any:
-    """`lazysnap prefetch` shares the lazy layers' per-host request bound."""
-    if remote is None:
-        return None
-    return lambda ref, digest: remote.hosts.limited(
+def _fetcher(client: RegistryClient, hosts: HostPool) -> Any:
+    """Range reads of a layer blob under the per-host request bound (`lazysnap prefetch`,
+    profiles fetched ahead, and the lazy layers themselves share it)."""
+    return lambda ref, digest: hosts.limited(
         ref.host, partial(client.read_blob_range, ref, digest))
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,14 @@ from snapshotter.labels import LayerSource
 from snapshotter.native import NativeLayers
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference
-from snapshotter.remote.blob import RemoteBlob
-from snapshotter.remote.prefetch import prefetch
+from snapshotter.remote.blob import FetchRange, RemoteBlob
+from snapshotter.remote.prefetch import PrefetchResult, prefetch, prefetch_steps
 from snapshotter.remote.profile import (
     Profile,
     Recorder,
     decode_profile,
     encode_profile,
+    plan_image_profile,
     plan_profile,
 )
 from snapshotter.remote.profile_oci import find_profile
@@ -107,6 +109,7 @@ class _Image:
     lock: trio.Lock = field(default_factory=trio.Lock)
     looked_up: bool = False
     settled: bool = False  # the lookup is over: `profile` is what there is
+    ahead: trio.Event | None = None  # set once the image-wide prefetch (`_ahead`) is over
 
 
 class ProfileService(TaskHost):
@@ -129,8 +132,14 @@ class ProfileService(TaskHost):
         lookup: bool = True,
         parallel: int = 4,
         after: trio.Event | None = None,
+        fetcher: Callable[[Reference, Digest], FetchRange] | None = None,
+        cache: ChunkCache | None = None,
+        fetch_timeout: float = 30.0,
     ) -> None:
         self.store = store
+        # With both, a found profile's chunks are fetched for all the image's layers at
+        # once, before containerd prepares the later ones (`_ahead`).
+        self._fetcher, self._cache, self._fetch_timeout = fetcher, cache, fetch_timeout
         self._after = after  # layers attached before it is set are left alone
         self._repo = repository
         self._client = client
@@ -196,6 +205,9 @@ class ProfileService(TaskHost):
                 await self._find(image, source)
                 if image.profile is not None:
                     image.recorder = None
+                    if self.apply and self._fetcher is not None and self._cache is not None:
+                        image.ahead = trio.Event()
+                        self._spawn(self._ahead, image, source)
                 image.settled = True
         if image.profile is not None and self.apply:
             await self._apply(image, source, toc, blob)
@@ -245,18 +257,74 @@ class ProfileService(TaskHost):
         except LazysnapError as exc:  # not found, unauthorized, unreachable: no profile
             log.info("image %s: no registry profile (%s)", source.image_ref, exc)
 
+    async def _ahead(self, image: _Image, source: LayerSource) -> None:
+        assert image.ahead is not None
+        try:
+            await self._fetch_ahead(image, source)
+        finally:
+            image.ahead.set()
+
+    async def _fetch_ahead(self, image: _Image, source: LayerSource) -> None:
+        """Fetch the profile's chunks of every layer of the image from the spans it
+        recorded, in one first-access order, without waiting for the layers' TOCs: when
+        containerd prepares a later layer, its startup chunks are already on the way.
+        The manifest (fetched by the digest the profile was checked against) says which
+        layers belong to the image and how large their blobs are."""
+        assert image.profile is not None and self._fetcher is not None
+        assert self._cache is not None
+        try:
+            ref = Reference.parse(source.image_ref).with_digest(Digest.parse(image.manifest))
+            manifest = await self._client.get_manifest(ref)
+        except LazysnapError as exc:
+            log.info("image %s: profile applied per layer only (%s)", source.image_ref, exc)
+            return
+        sizes = {str(d.digest): d.size for d in manifest.layers}
+        steps = plan_image_profile(image.profile, sizes)
+        if not steps:
+            return
+        blobs = {layer: RemoteBlob(self._fetcher(ref, Digest.parse(layer)), self._cache,
+                                   blob_size=sizes[layer], fetch_timeout=self._fetch_timeout,
+                                   name=f"layer {layer}")
+                 for layer in dict.fromkeys(layer for layer, _ in steps)}
+        results = await prefetch_steps([(blobs[layer], chunks) for layer, chunks in steps],
+                                       parallel=self.parallel)
+        for layer, blob in blobs.items():
+            self._count(image, layer, results[blob])
+        log.info("image %s: profile of %s prefetched ahead of the TOCs: %d chunks (%d bytes) "
+                 "in %d layers", source.image_ref, image.manifest,
+                 sum(r.chunks for r in results.values()),
+                 sum(r.bytes_fetched for r in results.values()), len(blobs))
+
     async def _apply(self, image: _Image, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
+        """The profile's chunks of this layer, located by its verified TOC, that are not
+        in the cache nor on their way (from `_ahead`, or profiles without spans)."""
         assert image.profile is not None
         plan = await trio.to_thread.run_sync(plan_profile, image.profile, source.layer_digest, toc)
-        row = {"manifest": image.manifest, "from": image.source, "chunks": len(plan.chunks)}
-        self._applied[source.layer_digest] = row
+        row = self._row(image, source.layer_digest)
+        row["chunks"] = len(plan.chunks)
         if not plan.chunks:
             return
-        result = await prefetch(blob, plan, parallel=self.parallel)
-        row.update(fetched_chunks=result.chunks, bytes=result.bytes_fetched,
-                   complete=result.complete)
-        log.info("%s: profile of %s prefetched %d chunks (%d bytes)", blob.name,
-                 image.manifest, result.chunks, result.bytes_fetched)
+        if image.ahead is not None:
+            await image.ahead.wait()
+        todo = tuple(c for c in plan.chunks
+                     if not blob.cache.has_or_fetching(Digest.parse(c.digest)))
+        if todo:
+            result = await prefetch(blob, replace(plan, chunks=todo), parallel=self.parallel)
+            self._count(image, source.layer_digest, result)
+            log.info("%s: profile of %s prefetched %d chunks (%d bytes)", blob.name,
+                     image.manifest, result.chunks, result.bytes_fetched)
+        # Set last: status readers take its presence to mean the prefetch is over.
+        row["complete"] = all(Digest.parse(c.digest) in blob.cache for c in plan.chunks)
+
+    def _row(self, image: _Image, layer_digest: str) -> dict[str, Any]:
+        return self._applied.setdefault(layer_digest, {
+            "manifest": image.manifest, "from": image.source, "chunks": 0,
+            "fetched_chunks": 0, "bytes": 0})
+
+    def _count(self, image: _Image, layer_digest: str, result: PrefetchResult) -> None:
+        row = self._row(image, layer_digest)
+        row["fetched_chunks"] += result.chunks
+        row["bytes"] += result.bytes_fetched
 
     def _on_read(self, layer_digest: str, entry: Entry, chunk: Chunk) -> None:
         for manifest in self._layer_images.get(layer_digest, ()):
@@ -288,6 +356,7 @@ class ProfileService(TaskHost):
 async def start_layer_hooks(
     nursery: trio.Nursery, cfg: Config, repository: Repository, client: RegistryClient,
     cache: ChunkCache, *, restored: trio.Event | None = None,
+    fetcher: Callable[[Reference, Digest], FetchRange] | None = None,
 ) -> list[Any]:
     """The daemon's layer hooks (bridge.LayerHooks) as configured, started in `nursery`.
 
@@ -299,7 +368,8 @@ async def start_layer_hooks(
         service = ProfileService(
             ProfileStore(cfg.root / PROFILES_DIR), repository, client,
             window=cfg.profile_window, record=cfg.profile_record, apply=cfg.profile_apply,
-            lookup=cfg.profile_lookup, after=restored,
+            lookup=cfg.profile_lookup, after=restored, parallel=cfg.prefetch_parallel,
+            fetcher=fetcher, cache=cache, fetch_timeout=cfg.fetch_timeout,
         )
         await nursery.start(service.run)
         hooks.append(service)

@@ -41,13 +41,25 @@ class Bench:
         self.layer, self.manifest, self.toc_digest = layer, manifest, toc_digest
         self.n = 0
 
-    async def daemon(self, window: float = 0.3, **kw):  # type: ignore[no-untyped-def]
-        """A fresh 'daemon': its own cache, store and repository, the layer attached."""
+    async def daemon(self, window: float = 0.3, ahead: bool = False, **kw):  # type: ignore[no-untyped-def]
+        """A fresh 'daemon': its own cache, store and repository, the layer attached.
+        With `ahead`, the service may fetch a found profile's chunks before any TOC
+        (its range requests are logged in `self.ahead_ranges`)."""
         self.n += 1
         root = self.tmp / f"d{self.n}"
         cache = ChunkCache(root / "cache", max_bytes=64 << 20)
         store = ProfileStore(root / "profiles")
         repo = Repository()
+        if ahead:
+            self.ahead_ranges: list[tuple[str, int, int]] = []
+
+            def fetcher(ref: Reference, digest: Digest):  # type: ignore[no-untyped-def]
+                async def fetch(start: int, end: int) -> bytes:
+                    self.ahead_ranges.append((str(digest), start, end))
+                    return await self.client.read_blob_range(ref, digest, start, end)
+                return fetch
+
+            kw.update(fetcher=fetcher, cache=cache)
         service = ProfileService(store, repo, self.client, window=window, **kw)
         ref = Reference.parse(REF)
         size = await self.client.blob_size(ref, Digest.parse(self.layer))
@@ -241,3 +253,63 @@ async def test_layers_restored_at_start_are_not_profiled(bench) -> None:
     assert not service._images
     del store
     cache.close()
+
+
+async def _apply_ahead(bench: Bench, raw: bytes) -> tuple[ChunkCache, RemoteBlob, object, dict]:  # type: ignore[type-arg]
+    service, store, _repo, cache, toc, blob, source = await bench.daemon(ahead=True)
+    store.save_raw(raw)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        service.attached("1", source, toc, blob)
+        with trio.fail_after(10):
+            while not _settled(service, bench):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    return cache, blob, toc, service.status(bench.layer)["profile"]
+
+
+async def test_a_found_profile_is_fetched_ahead_from_its_spans_for_the_whole_image(bench) -> None:
+    """The chunks arrive through the image-wide fetch (located by the profile, before any
+    TOC), so the attached layer's own prefetch has nothing left to do."""
+    raw = await _learn(bench)
+    assert all(len(row) == 9 for row in json.loads(raw)["profile"]["accesses"])
+    cache, blob, toc, row = await _apply_ahead(bench, raw)
+    by_name = toc.by_name()  # type: ignore[attr-defined]
+    wanted = [c for n in ("usr/lib/big.bin", "etc/hello.txt") for c in by_name[n].chunks]
+    assert all(Digest.parse(c.digest) in cache for c in wanted)
+    assert not any(Digest.parse(c.digest) in cache for c in by_name["usr/lib/zeros"].chunks)
+    assert bench.ahead_ranges and {d for d, _, _ in bench.ahead_ranges} == {bench.layer}
+    assert blob.statistics().bytes_prefetch == 0  # nothing left for the layer's own blob
+    assert row["complete"] is True and row["bytes"] > 0
+    assert row["fetched_chunks"] == row["chunks"] == len({c.digest for c in wanted})
+    cache.close()
+
+
+@pytest.mark.allow_log_errors
+async def test_a_profile_whose_spans_lie_costs_fetches_never_content(bench, caplog) -> None:
+    """Spans are the profile's word, not the TOC's: one that points at other bytes fails
+    the chunk's digest check, and the layer's TOC-located prefetch fetches it instead."""
+    raw = await _learn(bench)
+    doc = json.loads(raw)["profile"]
+    for row in doc["accesses"]:  # every span now points at the first chunk's bytes
+        row[5:9] = doc["accesses"][-1][5:9]
+    from snapshotter.remote.profile import decode_profile
+
+    forged = encode_profile(decode_profile(encode_for_body(doc)))
+    with caplog.at_level(logging.WARNING):
+        cache, blob, toc, row = await _apply_ahead(bench, forged)
+    by_name = toc.by_name()  # type: ignore[attr-defined]
+    for name in ("usr/lib/big.bin", "etc/hello.txt"):
+        for chunk in by_name[name].chunks:
+            data = cache.get(Digest.parse(chunk.digest))
+            assert data is not None and Digest.of(data) == Digest.parse(chunk.digest)
+    assert blob.statistics().bytes_prefetch > 0  # the TOC-located fetch did the work
+    assert row["complete"] is True
+    assert "prefetch of" in caplog.text and "failed" in caplog.text
+    cache.close()
+
+
+def encode_for_body(body: dict) -> bytes:  # type: ignore[type-arg]
+    """A self-consistent document around `body` (a forger can always make one)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({"digest": str(Digest.of(canonical)), "profile": body}).encode()

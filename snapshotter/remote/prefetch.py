@@ -6,6 +6,7 @@ layer's `RemoteBlob`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -25,6 +26,7 @@ __all__ = [
     "plan_prefetch",
     "plan_whole_layer",
     "prefetch",
+    "prefetch_steps",
 ]
 
 BACKGROUND_BATCH = 4 << 20  # small enough that a waiting reader is never far behind
@@ -90,32 +92,43 @@ async def prefetch(blob: RemoteBlob, plan: PrefetchPlan, *, parallel: int = 4) -
     A prefetch is an optimisation: a failed batch is logged and left for on-demand reads,
     never raised.
     """
-    before = blob.statistics().bytes_fetched
-    limiter = trio.CapacityLimiter(max(1, parallel))
-    done = failed = 0
+    return (await prefetch_steps([(blob, plan.chunks)], parallel=parallel))[blob]
 
-    async def run(batch: list[Chunk]) -> None:
-        nonlocal done, failed
+
+async def prefetch_steps(
+    steps: Sequence[tuple[RemoteBlob, Sequence[Chunk]]], *, parallel: int = 4
+) -> dict[RemoteBlob, PrefetchResult]:
+    """`prefetch` for several blobs sharing one order and one bound of `parallel`
+    requests: the steps' batches start strictly in the given order (an image's profile
+    interleaves its layers by first access). One result per blob."""
+    blobs = list(dict.fromkeys(blob for blob, _ in steps))
+    before = {blob: blob.statistics().bytes_fetched for blob in blobs}
+    done = dict.fromkeys(blobs, 0)
+    failed = dict.fromkeys(blobs, 0)
+    limiter = trio.CapacityLimiter(max(1, parallel))
+
+    async def run(blob: RemoteBlob, batch: list[Chunk]) -> None:
         async with limiter:
             try:
                 await blob.read_chunks(batch, purpose="prefetch")
             except LazysnapError as exc:
-                failed += len(batch)
+                failed[blob] += len(batch)
                 log.warning("%s: prefetch of %d chunks failed: %s", blob.name, len(batch), exc)
             else:
-                done += len(batch)
+                done[blob] += len(batch)
 
     async with trio.open_nursery() as nursery:
-        for batch in _batches(plan.chunks, _blob.COALESCE_LIMIT):
-            nursery.start_soon(run, batch)
-            # Yield so batches queue on the limiter in offset order.
-            await trio.lowlevel.checkpoint()
-    return PrefetchResult(
-        chunks=done,
-        failed=failed,
-        bytes_fetched=blob.statistics().bytes_fetched - before,
-        complete=failed == 0,
-    )
+        for blob, chunks in steps:
+            for batch in _batches(tuple(chunks), _blob.COALESCE_LIMIT):
+                nursery.start_soon(run, blob, batch)
+                # Yield so batches queue on the limiter in order.
+                await trio.lowlevel.checkpoint()
+    return {blob: PrefetchResult(
+        chunks=done[blob],
+        failed=failed[blob],
+        bytes_fetched=blob.statistics().bytes_fetched - before[blob],
+        complete=failed[blob] == 0,
+    ) for blob in blobs}
 
 
 def missing_chunks(blob: RemoteBlob, toc: Toc) -> list[Chunk]:

@@ -30,6 +30,7 @@ __all__ = [
     "Recorder",
     "decode_profile",
     "encode_profile",
+    "plan_image_profile",
     "plan_profile",
 ]
 
@@ -59,6 +60,20 @@ class Access:
     chunk: str  # chunk digest
     offset: int  # the chunk's offset in the file
     time: float
+    # Where the chunk lies in the layer blob: (compressed offset, compressed end, offset
+    # inside the inflated member, size). With it the chunk can be fetched (and verified
+    # against `chunk`) before the layer's TOC is read; profiles written before it lack it.
+    span: tuple[int, int, int, int] | None = None
+
+    def as_chunk(self) -> Chunk | None:
+        """The chunk as the profile locates it, or None without a `span`. Unverified: only
+        the bytes fetched for it are checked (against `chunk`), so a wrong span costs a
+        failed fetch, never wrong content."""
+        if self.span is None:
+            return None
+        offset, end, inner, size = self.span
+        return Chunk(chunk_offset=self.offset, size=size, offset=offset, end=end,
+                     inner_offset=inner, digest=self.chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,16 +139,54 @@ def plan_profile(profile: Profile, layer: str, toc: Toc) -> PrefetchPlan:
         if chunk.digest in want and chunk.digest not in known:
             known[chunk.digest] = chunk
     ordered = [known[d] for d in dict.fromkeys(wanted) if d in known]
-    groups: list[list[Chunk]] = []
-    size = _GROUP_BYTES
-    for chunk in ordered:
-        if size >= _GROUP_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(chunk)
-        size += chunk.end - chunk.offset
-    chunks = tuple(c for g in groups for c in sorted(g, key=lambda c: (c.offset, c.inner_offset)))
+    chunks = tuple(c for group in _groups(ordered) for c in group)
     return PrefetchPlan(end=0, chunks=chunks, reason="profile")
+
+
+def plan_image_profile(profile: Profile, layers: Iterable[str]) -> list[tuple[str, list[Chunk]]]:
+    """Steps to prefetch the profile's chunks of `layers` (the image's layer digests)
+    before any TOC is read, from the spans the profile recorded.
+
+    One ordered list for the whole image, so that a layer prepared late by containerd does
+    not start late: each step is (layer digest, chunks sorted by blob offset), the steps in
+    first-access order at the grain of `_GROUP_BYTES`. Accesses without a span (older
+    profiles) and of other layers are left out; they are planned per layer from its TOC.
+    """
+    allowed = set(layers)
+    seen: set[tuple[str, str]] = set()
+    ordered: list[tuple[str, Chunk]] = []
+    for access in profile.accesses:
+        chunk = access.as_chunk()
+        key = (access.layer, access.chunk)
+        if chunk is None or access.layer not in allowed or key in seen:
+            continue
+        seen.add(key)
+        ordered.append((access.layer, chunk))
+    steps: list[tuple[str, list[Chunk]]] = []
+    for group in _groups(ordered, size=lambda item: item[1].end - item[1].offset):
+        by_layer: dict[str, list[Chunk]] = {}
+        for layer, chunk in group:
+            by_layer.setdefault(layer, []).append(chunk)
+        for layer, chunks in by_layer.items():
+            steps.append((layer, sorted(chunks, key=lambda c: (c.offset, c.inner_offset))))
+    return steps
+
+
+def _groups(items: list[Any], size: Any = None) -> list[list[Any]]:
+    """`items` cut into consecutive groups of about `_GROUP_BYTES` compressed bytes; plain
+    chunk groups come back sorted by blob offset so that neighbours coalesce."""
+    measure = size or (lambda c: c.end - c.offset)
+    groups: list[list[Any]] = []
+    total = _GROUP_BYTES
+    for item in items:
+        if total >= _GROUP_BYTES:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += measure(item)
+    if size is None:
+        groups = [sorted(g, key=lambda c: (c.offset, c.inner_offset)) for g in groups]
+    return groups
 
 
 @dataclass
@@ -156,8 +209,9 @@ class Recorder:
             return False
         key = (layer, chunk.digest)
         if key not in self._seen:
+            span = (chunk.offset, chunk.end, chunk.inner_offset, chunk.size)
             self._seen[key] = Access(layer, entry.name, chunk.digest, chunk.chunk_offset,
-                                     round(elapsed, 4))
+                                     round(elapsed, 4), span)
         return True
 
     def __len__(self) -> int:
@@ -179,8 +233,9 @@ def _body(profile: Profile) -> dict[str, Any]:
         "imageRef": profile.image_ref,
         "window": profile.window,
         "layers": layers,
-        # [layer index, file, chunk offset, chunk digest, seconds]: compact for big stacks
-        "accesses": [[index[a.layer], a.file, a.offset, a.chunk, a.time]
+        # [layer index, file, chunk offset, chunk digest, seconds] + the span's four
+        # numbers when known: compact for big stacks
+        "accesses": [[index[a.layer], a.file, a.offset, a.chunk, a.time, *(a.span or ())]
                      for a in profile.accesses],
     }
 
@@ -210,15 +265,26 @@ def _parse_body(body: Mapping[str, Any], what: str) -> Profile:
 def _accesses(rows: Iterable[Any], layers: list[str], what: str) -> Iterable[Access]:
     for n, row in enumerate(rows):
         ok = (
-            isinstance(row, list) and len(row) == 5
+            isinstance(row, list) and len(row) in (5, 9)
             and isinstance(row[0], int) and 0 <= row[0] < len(layers)
             and isinstance(row[1], str) and isinstance(row[2], int) and row[2] >= 0
             and isinstance(row[4], int | float)
+            and (len(row) == 5 or _span_ok(row[5:]))
         )
         if not ok:
             raise InvalidProfile(f"{what}: access #{n} is malformed: {str(row)[:120]}")
         chunk = _digest_text(row[3], f"{what}: access #{n} chunk")
-        yield Access(layers[row[0]], row[1], chunk, row[2], float(row[4]))
+        span = (row[5], row[6], row[7], row[8]) if len(row) == 9 else None
+        yield Access(layers[row[0]], row[1], chunk, row[2], float(row[4]), span)
+
+
+def _span_ok(span: list[Any]) -> bool:
+    """Whole numbers, a non-empty compressed extent, the chunk inside its member's size
+    bound (no member inflates past 2**40 bytes here: that is a hostile number)."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in span):
+        return False
+    offset, end, inner, size = span
+    return 0 <= offset < end and 0 <= inner < 1 << 40 and 0 <= size < 1 << 40
 
 
 def _digest_text(value: Any, what: str) -> str:

@@ -10,7 +10,7 @@ from remote_fakes import FakeSource, layout, pieces
 from snapshotter.digest import Digest
 from snapshotter.format.toc import Chunk, Entry, Toc
 from snapshotter.remote.blob import RemoteBlob
-from snapshotter.remote.prefetch import prefetch
+from snapshotter.remote.prefetch import prefetch, prefetch_steps
 from snapshotter.remote.profile import (
     Access,
     InvalidProfile,
@@ -19,6 +19,7 @@ from snapshotter.remote.profile import (
     Recorder,
     decode_profile,
     encode_profile,
+    plan_image_profile,
     plan_profile,
 )
 
@@ -44,6 +45,11 @@ def _profile(chunks: list[Chunk], order: list[int], layer: str = LAYER) -> Profi
     return Profile(MANIFEST, tuple(
         Access(layer, f"f{i}", chunks[i].digest, 0, 0.1 * n) for n, i in enumerate(order)
     ), window=5.0, image_ref="r.test/app:1")
+
+
+def _spanned(layer: str, chunk: Chunk, time: float) -> Access:
+    return Access(layer, "f", chunk.digest, chunk.chunk_offset, time,
+                  (chunk.offset, chunk.end, chunk.inner_offset, chunk.size))
 
 
 def test_recorder_keeps_first_access_order_and_stops_after_the_window(six) -> None:
@@ -130,3 +136,76 @@ async def test_prefetching_a_profile_plan_is_one_request_for_neighbours(six, cac
     for c in chunks[:3]:
         assert Digest.parse(c.digest) in cache
     assert Digest.parse(chunks[3].digest) not in cache
+
+
+def test_recorded_spans_round_trip_and_locate_the_chunk(six) -> None:
+    _, chunks, toc = six
+    rec = Recorder(MANIFEST, window=5.0)
+    rec.read(LAYER, toc.entries[3], chunks[2], now=1.0)
+    profile = decode_profile(encode_profile(rec.profile()), manifest=MANIFEST)
+    (access,) = profile.accesses
+    assert access.span == (chunks[2].offset, chunks[2].end, chunks[2].inner_offset,
+                           chunks[2].size)
+    assert access.as_chunk() == chunks[2]
+
+
+def test_profiles_without_spans_still_decode() -> None:
+    body = {"schema": "lazysnap.profile.v1", "manifest": MANIFEST, "layers": [LAYER],
+            "accesses": [[0, "f", 0, LAYER, 0.0]]}
+    (access,) = decode_profile(_signed(body)).accesses
+    assert access.span is None and access.as_chunk() is None
+
+
+@pytest.mark.parametrize("span", [
+    [-1, 10, 0, 5], [10, 10, 0, 5], [20, 10, 0, 5], [0, 10, -1, 5], [0, 10, 0, -5],
+    [0, 10, 0, 1 << 40], [0, 10.5, 0, 5], [0, 10, True, 5], [0, 10, 0], ["0", 10, 0, 5],
+])
+def test_malformed_spans_are_refused(span: list[object]) -> None:
+    body = {"schema": "lazysnap.profile.v1", "manifest": MANIFEST, "layers": [LAYER],
+            "accesses": [[0, "f", 0, LAYER, 0.0, *span]]}
+    with pytest.raises(InvalidProfile, match="access #0"):
+        decode_profile(_signed(body))
+
+
+def _signed(body: dict) -> bytes:  # type: ignore[type-arg]
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({"digest": str(Digest.of(canonical)), "profile": body}).encode()
+
+
+def test_image_plan_interleaves_layers_in_first_access_order(six, monkeypatch) -> None:
+    _, chunks, _ = six
+    from snapshotter.remote import profile as module
+
+    monkeypatch.setattr(module, "_GROUP_BYTES", 2 * (chunks[0].end - chunks[0].offset))
+    profile = Profile(MANIFEST, (
+        _spanned(LAYER2, chunks[4], 0.0), _spanned(LAYER, chunks[3], 0.1),   # group 1
+        _spanned(LAYER, chunks[1], 0.2), _spanned(LAYER, chunks[0], 0.3),    # group 2
+        _spanned(LAYER2, chunks[4], 0.4),  # again: fetched once
+        Access(LAYER, "old", chunks[5].digest, 0, 0.5),  # no span: left to the TOC plan
+        _spanned(str(Digest.of(b"not in the image")), chunks[2], 0.6),
+    ))
+    steps = plan_image_profile(profile, [LAYER, LAYER2])
+    assert steps == [(LAYER2, [chunks[4]]), (LAYER, [chunks[3]]),
+                     (LAYER, [chunks[0], chunks[1]])]
+    assert plan_image_profile(profile, []) == []
+
+
+async def test_prefetch_steps_keep_their_order_across_blobs(six, cache) -> None:
+    data, chunks, _ = six
+    source = FakeSource(data)
+    order: list[str] = []
+
+    def logged(name: str):  # type: ignore[no-untyped-def]
+        async def fetch(start: int, end: int) -> bytes:
+            order.append(f"{name}@{start}")
+            return await source(start, end)
+        return fetch
+
+    blob1 = RemoteBlob(logged("one"), cache, blob_size=len(data), name="one")
+    blob2 = RemoteBlob(logged("two"), cache, blob_size=len(data), name="two")
+    results = await prefetch_steps(
+        [(blob2, [chunks[4]]), (blob1, [chunks[0]]), (blob2, [chunks[2]])], parallel=1)
+    assert order == [f"two@{chunks[4].offset}", f"one@{chunks[0].offset}",
+                     f"two@{chunks[2].offset}"]
+    assert results[blob1].chunks == 1 and results[blob2].chunks == 2
+    assert results[blob1].complete and results[blob2].bytes_fetched > 0
