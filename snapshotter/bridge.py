@@ -39,7 +39,7 @@ from snapshotter.remote.layer import TocDigestMissing, load_toc
 from snapshotter.remote.tocstore import TocStore
 from snapshotter.remote.warm import HostPool, Warmer, WarmHooks, WarmPolicy
 
-__all__ = ["FuseRemoteLayers", "LayerFallback", "LayerHooks"]
+__all__ = ["FuseRemoteLayers", "LayerFallback", "LayerHooks", "find_in_roots"]
 
 log = logging.getLogger("lazysnap.remote")
 
@@ -114,6 +114,19 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, errors.InvalidArgument):
         return "invalid-layer"
     return "internal-error"
+
+
+def find_in_roots(roots: Sequence[str], layer_digest: str) -> Path | None:
+    """The layer's unpacked tree in a repository root (`<hex[:2]>/<hex>/layerfs`, as
+    CernVM-FS's unpacked.cern.ch `.layers`), if one has it."""
+    if not roots:
+        return None
+    d = Digest.parse(layer_digest)
+    for root in roots:
+        candidate = Path(root) / d.hex[:2] / d.hex / "layerfs"
+        if candidate.is_dir():
+            return candidate
+    return None
 
 
 class FuseRemoteLayers:
@@ -301,14 +314,7 @@ class FuseRemoteLayers:
                 del self._paths[h["digest"]]
 
     def _find_in_roots(self, layer_digest: str) -> Path | None:
-        if not self._cfg.repository_roots:
-            return None
-        d = Digest.parse(layer_digest)
-        for root in self._cfg.repository_roots:
-            candidate = Path(root) / d.hex[:2] / d.hex / "layerfs"
-            if candidate.is_dir():
-                return candidate
-        return None
+        return find_in_roots(self._cfg.repository_roots, layer_digest)
 
     def _fetcher(self, source: LayerSource) -> Callable[[int, int], Awaitable[bytes]]:
         ref = Reference.parse(source.image_ref)

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from snapshotter import metrics
-from snapshotter.bridge import FuseRemoteLayers
+from snapshotter.bridge import FuseRemoteLayers, find_in_roots
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.cli.status import STATUS_FILE
 from snapshotter.config import Config
@@ -134,7 +134,8 @@ async def _serve(cfg: Config) -> None:
                     hosts = HostPool(cfg.max_connections_per_host)
                     hooks = await start_layer_hooks(nursery, cfg, repo, client, cache,
                                                     restored=restored,
-                                                    fetcher=_fetcher(client, hosts))
+                                                    fetcher=_fetcher(client, hosts),
+                                                    elsewhere=partial(_in_roots, cfg))
                     remote = FuseRemoteLayers(
                         cfg, repository=repo, client=client, cache=cache,
                         token=trio.lowlevel.current_trio_token(), hooks=hooks, hosts=hosts,
@@ -199,6 +200,10 @@ def _fetcher(client: RegistryClient, hosts: HostPool) -> Any:
     profiles fetched ahead, and the lazy layers themselves share it)."""
     return lambda ref, digest: hosts.limited(
         ref.host, partial(client.read_blob_range, ref, digest))
+
+
+def _in_roots(cfg: Config, layer_digest: str) -> bool:
+    return find_in_roots(cfg.repository_roots, layer_digest) is not None
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -135,11 +135,14 @@ class ProfileService(TaskHost):
         fetcher: Callable[[Reference, Digest], FetchRange] | None = None,
         cache: ChunkCache | None = None,
         fetch_timeout: float = 30.0,
+        elsewhere: Callable[[str], bool] = lambda layer_digest: False,
     ) -> None:
         self.store = store
         # With both, a found profile's chunks are fetched for all the image's layers at
-        # once, before containerd prepares the later ones (`_ahead`).
+        # once, before containerd prepares the later ones (`_ahead`), except the layers
+        # `elsewhere` says will not be read through the repository (repository roots).
         self._fetcher, self._cache, self._fetch_timeout = fetcher, cache, fetch_timeout
+        self._elsewhere = elsewhere
         self._after = after  # layers attached before it is set are left alone
         self._repo = repository
         self._client = client
@@ -278,7 +281,8 @@ class ProfileService(TaskHost):
         except LazysnapError as exc:
             log.info("image %s: profile applied per layer only (%s)", source.image_ref, exc)
             return
-        sizes = {str(d.digest): d.size for d in manifest.layers}
+        sizes = {str(d.digest): d.size for d in manifest.layers
+                 if not self._elsewhere(str(d.digest))}
         steps = plan_image_profile(image.profile, sizes)
         if not steps:
             return
@@ -357,6 +361,7 @@ async def start_layer_hooks(
     nursery: trio.Nursery, cfg: Config, repository: Repository, client: RegistryClient,
     cache: ChunkCache, *, restored: trio.Event | None = None,
     fetcher: Callable[[Reference, Digest], FetchRange] | None = None,
+    elsewhere: Callable[[str], bool] = lambda layer_digest: False,
 ) -> list[Any]:
     """The daemon's layer hooks (bridge.LayerHooks) as configured, started in `nursery`.
 
@@ -370,6 +375,7 @@ async def start_layer_hooks(
             window=cfg.profile_window, record=cfg.profile_record, apply=cfg.profile_apply,
             lookup=cfg.profile_lookup, after=restored, parallel=cfg.prefetch_parallel,
             fetcher=fetcher, cache=cache, fetch_timeout=cfg.fetch_timeout,
+            elsewhere=elsewhere,
         )
         await nursery.start(service.run)
         hooks.append(service)

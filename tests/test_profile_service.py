@@ -313,3 +313,23 @@ def encode_for_body(body: dict) -> bytes:  # type: ignore[type-arg]
     """A self-consistent document around `body` (a forger can always make one)."""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     return json.dumps({"digest": str(Digest.of(canonical)), "profile": body}).encode()
+
+
+async def test_layers_served_from_elsewhere_are_not_fetched_ahead(bench) -> None:
+    """A layer a repository root holds is never read through the repository, so the
+    image-wide fetch leaves it out (were it attached lazily after all, its own TOC-located
+    prefetch still runs)."""
+    raw = await _learn(bench)
+    service, store, _repo, cache, toc, blob, source = await bench.daemon(
+        ahead=True, elsewhere=lambda digest: digest == bench.layer)
+    store.save_raw(raw)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        service.attached("1", source, toc, blob)
+        with trio.fail_after(10):
+            while not _settled(service, bench):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert bench.ahead_ranges == []
+    assert blob.statistics().bytes_prefetch > 0
+    cache.close()
