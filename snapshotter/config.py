@@ -96,6 +96,10 @@ class Config:
         "up to this many bytes in all; 0 = only what was asked"
     )
     max_connections_per_host: int = _opt(16, "range requests in flight to one registry host")
+    listing_entries: int = _opt(
+        32768, "directory entries whose readdir answers are kept in memory (~270 B each), so "
+        "that a tree walked again costs no rebuilding; 0 = none"
+    )
     profile_record: bool = _opt(
         True, "learn which chunks an image's containers read in their first profile_window "
         "seconds, when the image has no profile yet"
@@ -234,7 +238,7 @@ def load(args: argparse.Namespace | None = None) -> Config:
     for key in ("prefetch_parallel", "background_concurrency", "max_connections_per_host"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key {key!r}: must be at least 1")
-    for key in ("prefetch_wait", "background_quiet", "profile_window"):
+    for key in ("prefetch_wait", "background_quiet", "profile_window", "listing_entries"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key {key!r}: must not be negative")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -126,7 +126,8 @@ async def _serve(cfg: Config) -> None:
                                       fetch_window=cfg.fetch_window_bytes)
                     await nursery.start(
                         partial(run_repository, read_timeout=cfg.read_timeout,
-                                holder=cfg.root / HOLDER_SOCKET, serve_after=restored),
+                                holder=cfg.root / HOLDER_SOCKET, serve_after=restored,
+                                listing_entries=cfg.listing_entries),
                         cfg.root / "repo", repo,
                     )
                     # Every range request to a registry host, whoever makes it, shares

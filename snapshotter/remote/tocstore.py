@@ -82,11 +82,6 @@ class TocStore:
             raise
         return toc
 
-    def save(self, digest: Digest, member: bytes, toc_offset: int) -> None:
-        """Keep a TOC member whose JSON the caller has verified against `digest`
-        (checking again would inflate it once more; `load` checks before use)."""
-        os.replace(self._write(member, toc_offset), self._path(digest))
-
     def _write(self, member: bytes, toc_offset: int) -> Path:
         """A synced temp file in the store holding the offset line and `member`."""
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,12 @@ and the native baseline is the same tree in the image cache on the same disk.
 Read path, for the big-file image: sequential reads in 1 MiB blocks and 4 KiB random
 preads, in three states: `cold` (chunks come from the registry through the shaped link),
 `cached` (chunks in lazysnap's cache, page cache dropped; native: page cache dropped) and
-`warm` (page cache hot). Cold sequential is compared with the link's bandwidth when
-shaped. Metadata, for manyfiles: `find -ls` (a stat per entry) over the 30,000-file tree,
-first traversal after a page-cache drop and second traversal, against native and against
-a trivial in-memory pyfuse3 tree of the same shape (`trivialfs.py`), the floor for FUSE.
+`warm` (page cache hot); and, once the layer is complete and copied out by
+`native_layers`, the copy (`lazysnap native dir`, page cache dropped). Cold sequential is
+compared with the link's bandwidth when shaped. Metadata, for manyfiles: `find -ls` (a stat
+per entry) over the 30,000-file tree, first traversal after a page-cache drop and second
+traversal, against native and against a trivial in-memory pyfuse3 tree of the same shape
+(`trivialfs.py`), the floor for FUSE.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.bench.context import Context, layer_path
+from tests.bench.catalog import BuiltImage
+from tests.bench.context import Context, daemon_status, layer_path
 from tests.bench.link import CONDITIONS, Condition, ShapedLink
 from tests.bench.modes import MODES, drop_caches, open_stack, pull
 from tests.bench.results import Record
-from tests.e2e.harness import REPO_ROOT
+from tests.e2e.harness import REPO_ROOT, wait_for
 
 __all__ = ["run", "run_metadata"]
 
@@ -123,6 +126,8 @@ def run(ctx: Context) -> None:
             add("rand4k warm", "lazysnap", len(offsets) / _random_reads(lazy, offsets), rep,
                 unit="IOPS")
 
+        _native_dir_read(ctx, image, size, rep, add)
+
         # Cold random reads need a cache that the sequential pass has not filled.
         with open_stack(mode, ctx.workdir(f"read-rand-{rep}")) as stack, \
                 ShapedLink(("127.0.0.1", ctx.catalog.registry.port), cond) as link:
@@ -135,6 +140,37 @@ def run(ctx: Context) -> None:
                 baseline="", unit="ms/read")
             ctx.results.add(Record("read_path", f"rand4k cold @ {cond.name}", "lazysnap",
                                    "bytes", link.counts().down, "B", rep))
+
+
+def _native_dir_read(ctx: Context, image: BuiltImage, size: int, rep: int,
+                     add: Callable[..., None]) -> None:
+    """Issue 6: once every chunk of a layer is cached, `native_layers` copies it out to a
+    plain directory that new containers use as their lowerdir. Fill the cache over an
+    unshaped link, wait for the copy, then read it with the page cache dropped (in its own
+    stack, so the copy cannot disturb the measurements above)."""
+    mode = MODES["lazysnap"]
+    args = ("--native-layers", "--background-fetch")
+    digest = image.esgz_manifest["layers"][-1]["digest"]
+    with open_stack(mode, ctx.workdir(f"read-native-{rep}"), extra_daemon_args=args) as stack, \
+            ShapedLink(("127.0.0.1", ctx.catalog.registry.port), CONDITIONS["unshaped"]) as link:
+        pull(stack, mode, image.ref(link.host, esgz=True))
+        n, _ = _seq_read(layer_path(stack, image) / "data" / "big.bin")
+        if n != size:
+            raise RuntimeError(f"read {n} bytes of big.bin, expected {size}")
+        found: dict[str, str] = {}
+
+        def ready() -> bool:
+            for row in daemon_status(stack, time.time()).get("layers", []):
+                if row["layer_digest"] == digest and row.get("native"):
+                    found["dir"] = row["native"]
+                    return True
+            return False
+
+        wait_for(ready, 600, f"the native directory of {digest}", interval=2.0)
+        native_copy = Path(found["dir"]) / "data" / "big.bin"
+        drop_caches()
+        n, s = _seq_read(native_copy)
+        add("seq cached (page cache dropped)", "lazysnap native dir", n / s / 1e6, rep)
 
 
 def _find(path: Path) -> tuple[float, int]:

@@ -52,13 +52,6 @@ def test_added_toc_is_kept_as_the_member_and_loads_after_a_restart(layer, tmp_pa
     assert again is not None and list(again.entries) == list(toc.entries)
 
 
-def test_saved_member_loads(layer, tmp_path) -> None:
-    _, toc_offset, member, toc_digest = layer
-    TocStore(tmp_path).save(toc_digest, member, toc_offset)
-    toc = _load(TocStore(tmp_path), layer)
-    assert toc is not None and "etc/link" in toc.by_name()
-
-
 def test_json_stored_by_older_versions_still_loads(layer, tmp_path) -> None:
     blob, toc_offset, member, toc_digest = layer
     raw = read_toc_json(member, max_size=1 << 20)
