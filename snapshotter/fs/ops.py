@@ -102,6 +102,22 @@ def _layer_attrs(layer: AttachedLayer) -> pyfuse3.EntryAttributes:
     return a
 
 
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    """A lookup answer for a name a layer does not have: inode 0 with a timeout makes the
+    kernel cache the miss (ENOENT would not), so overlayfs probing the lower layers and
+    Python's import system probing sys.path ask each missing name only once. Layers are
+    immutable; a layer detached and another attached in its place comes back under a
+    new directory inode (its layer root is looked up with no entry timeout), which drops
+    what was cached beneath the old one."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = 0
+    a.entry_timeout = ATTR_TIMEOUT
+    return a
+
+
+_ABSENT = _negative_entry()
+
+
 def _fill(a: pyfuse3.EntryAttributes, ino: int, st: Stat) -> Stat:
     mode, nlink, uid, gid, size, mtime_ns, rdev = st
     a.st_ino = ino
@@ -220,7 +236,7 @@ class RepositoryOperations(pyfuse3.Operations):
             return self._attrs(layer, up) if up else self._root_attrs()
         child = layer.tree.lookup(local, name)
         if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            return _ABSENT  # a layer never changes: the kernel may remember the miss
         return self._attrs(layer, child)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

@@ -214,6 +214,28 @@ async def test_attach_and_detach_show_at_once(mnt: Mounted) -> None:
     assert sorted(await in_thread(partial(os.listdir, mnt.path))) == ["1", "2"]
 
 
+def _lookups() -> float:
+    from snapshotter.metrics import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "lazysnap_fuse_operation_duration_seconds_count", {"operation": "lookup"})
+    return value or 0.0
+
+
+async def test_missing_names_are_remembered_but_not_past_a_new_layer(mnt: Mounted) -> None:
+    ghost = mnt.path / "2/etc/ghost"
+    assert not await in_thread(ghost.exists)
+    before = _lookups()
+    for _ in range(3):
+        assert not await in_thread(ghost.exists)  # the kernel's negative entry answers
+    assert _lookups() == before
+    # The same directory name with another layer behind it: the miss is forgotten.
+    mnt.repo.detach("2")
+    other = LayerBuilder().file("etc/ghost", b"here now\n")
+    mnt.repo.attach("2", other.toc(), other.reader())
+    assert await in_thread(ghost.read_bytes) == b"here now\n"
+
+
 @pytest.mark.allow_log_errors
 async def test_failing_reader_gives_eio_then_recovers(mnt: Mounted) -> None:
     mnt.lower.set_mode("fail")
