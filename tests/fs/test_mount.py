@@ -225,13 +225,20 @@ def _lookups() -> float:
 async def test_missing_names_are_remembered_but_not_past_a_new_layer(mnt: Mounted) -> None:
     ghost = mnt.path / "2/etc/ghost"
     assert not await in_thread(ghost.exists)
-    before = _lookups()
-    for _ in range(3):
-        assert not await in_thread(ghost.exists)  # the kernel's negative entry answers
-    assert _lookups() == before
+    # Relative to an open directory, so that only the missing name is looked up (a
+    # layer's own directory is revalidated on every walk through it).
+    fd = await in_thread(partial(os.open, mnt.path / "2/etc", os.O_RDONLY | os.O_DIRECTORY))
+    try:
+        before = _lookups()
+        for _ in range(3):
+            with pytest.raises(FileNotFoundError):  # the kernel's negative entry answers
+                await in_thread(partial(os.stat, "ghost", dir_fd=fd))
+        assert _lookups() == before
+    finally:
+        os.close(fd)
     # The same directory name with another layer behind it: the miss is forgotten.
     mnt.repo.detach("2")
-    other = LayerBuilder().file("etc/ghost", b"here now\n")
+    other = LayerBuilder().dir("etc").file("etc/ghost", b"here now\n")
     mnt.repo.attach("2", other.toc(), other.reader())
     assert await in_thread(ghost.read_bytes) == b"here now\n"
 
