@@ -142,8 +142,12 @@ class FuseRemoteLayers:
         token: trio.lowlevel.TrioToken,
         hooks: Sequence[LayerHooks] = (),
         hosts: HostPool | None = None,
+        blobs: dict[str, RemoteBlob] | None = None,
     ) -> None:
         self._cfg = cfg
+        # Layer digest -> a blob a layer hook already fetched through before the layer was
+        # attached (profiles fetch ahead); adopted on attach so its statistics carry over.
+        self._fetched_ahead = {} if blobs is None else blobs
         # Prefetch and background completion of each attached layer (remote/warm.py; the
         # daemon runs `warmer.run`); every range request goes through `hosts`.
         self.warmer = Warmer(_warm_policy(cfg))
@@ -359,8 +363,10 @@ class FuseRemoteLayers:
                 self._next_dir += 1
                 self._layers[source.layer_digest] = layer
         try:
-            blob = RemoteBlob(fetch, self._cache, blob_size=size,
-                              fetch_timeout=self._cfg.fetch_timeout, name=f"layer {digest}")
+            blob = self._fetched_ahead.pop(source.layer_digest, None)
+            if blob is None or blob.blob_size != size:
+                blob = RemoteBlob(fetch, self._cache, blob_size=size,
+                                  fetch_timeout=self._cfg.fetch_timeout, name=f"layer {digest}")
             tree = await trio.to_thread.run_sync(LayerTree.from_toc, toc)
             self._repo.attach(layer.dir, tree, blob, generation=_generation(layer.source))
             self._tell_attached(layer.dir, layer.source, toc, blob)

@@ -33,6 +33,7 @@ from snapshotter.fs.mount import run_repository
 from snapshotter.fs.repository import Repository
 from snapshotter.profiles import start_layer_hooks
 from snapshotter.registry.client import RegistryClient
+from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.warm import HostPool
 from snapshotter.service.server import SnapshotServer
 
@@ -133,13 +134,16 @@ async def _serve(cfg: Config) -> None:
                     # Every range request to a registry host, whoever makes it, shares
                     # one bound (`max_connections_per_host`).
                     hosts = HostPool(cfg.max_connections_per_host)
+                    ahead: dict[str, RemoteBlob] = {}  # profiles' blobs, adopted on attach
                     hooks = await start_layer_hooks(nursery, cfg, repo, client, cache,
                                                     restored=restored,
                                                     fetcher=_fetcher(client, hosts),
-                                                    elsewhere=partial(_in_roots, cfg))
+                                                    elsewhere=partial(_in_roots, cfg),
+                                                    blobs=ahead)
                     remote = FuseRemoteLayers(
                         cfg, repository=repo, client=client, cache=cache,
                         token=trio.lowlevel.current_trio_token(), hooks=hooks, hosts=hosts,
+                        blobs=ahead,
                     )
                     # Before restore: restored layers resume their background fetch.
                     await nursery.start(remote.warmer.run)

@@ -51,6 +51,7 @@ log = logging.getLogger("lazysnap.profiles")
 
 PROFILES_DIR = "profiles"
 _RESOLVE_TTL = 60.0  # seconds a tag -> manifest digest answer is reused for a pull's layers
+_UNADOPTED_BLOBS = 256  # fetched-ahead blobs kept for layers not attached yet
 
 
 class ProfileStore:
@@ -136,8 +137,13 @@ class ProfileService(TaskHost):
         cache: ChunkCache | None = None,
         fetch_timeout: float = 30.0,
         elsewhere: Callable[[str], bool] = lambda layer_digest: False,
+        blobs: dict[str, RemoteBlob] | None = None,
     ) -> None:
         self.store = store
+        # Layer digest -> the RemoteBlob a fetch ahead used for a layer not attached yet;
+        # the bridge adopts it on attach, so the layer's statistics include those bytes.
+        self.blobs: dict[str, RemoteBlob] = {} if blobs is None else blobs
+        self._attached_blobs: dict[str, RemoteBlob] = {}
         # With both, a found profile's chunks are fetched for all the image's layers at
         # once, before containerd prepares the later ones (`_ahead`), except the layers
         # `elsewhere` says will not be read through the repository (repository roots).
@@ -160,12 +166,14 @@ class ProfileService(TaskHost):
         if not (self.record or self.apply) or (
                 self._after is not None and not self._after.is_set()):
             return
+        self._attached_blobs[source.layer_digest] = blob
         self._spawn(self._start, layer_id, source, toc, blob)
 
     def lowerdir(self, layer_digest: str) -> str | None:
         return None  # profiles never change where a layer is read from
 
     def released(self, layer_digest: str) -> None:
+        self._attached_blobs.pop(layer_digest, None)
         self._layer_images.pop(layer_digest, None)
         self._applied.pop(layer_digest, None)
 
@@ -286,9 +294,7 @@ class ProfileService(TaskHost):
         steps = plan_image_profile(image.profile, sizes)
         if not steps:
             return
-        blobs = {layer: RemoteBlob(self._fetcher(ref, Digest.parse(layer)), self._cache,
-                                   blob_size=sizes[layer], fetch_timeout=self._fetch_timeout,
-                                   name=f"layer {layer}")
+        blobs = {layer: self._blob(ref, layer, sizes[layer])
                  for layer in dict.fromkeys(layer for layer, _ in steps)}
         results = await prefetch_steps([(blobs[layer], chunks) for layer, chunks in steps],
                                        parallel=self.parallel)
@@ -298,6 +304,21 @@ class ProfileService(TaskHost):
                  "in %d layers", source.image_ref, image.manifest,
                  sum(r.chunks for r in results.values()),
                  sum(r.bytes_fetched for r in results.values()), len(blobs))
+
+    def _blob(self, ref: Reference, layer: str, size: int) -> RemoteBlob:
+        """The attached layer's blob, else one the bridge adopts when it attaches the
+        layer (`blobs`), so that its statistics count what was fetched ahead."""
+        blob = self._attached_blobs.get(layer) or self.blobs.get(layer)
+        if blob is not None and blob.blob_size == size:
+            return blob
+        assert self._fetcher is not None and self._cache is not None
+        blob = RemoteBlob(self._fetcher(ref, Digest.parse(layer)), self._cache,
+                          blob_size=size, fetch_timeout=self._fetch_timeout,
+                          name=f"layer {layer}")
+        while len(self.blobs) >= _UNADOPTED_BLOBS:  # layers pulled and never attached
+            del self.blobs[next(iter(self.blobs))]
+        self.blobs[layer] = blob
+        return blob
 
     async def _apply(self, image: _Image, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
         """The profile's chunks of this layer, located by its verified TOC, that are not
@@ -362,6 +383,7 @@ async def start_layer_hooks(
     cache: ChunkCache, *, restored: trio.Event | None = None,
     fetcher: Callable[[Reference, Digest], FetchRange] | None = None,
     elsewhere: Callable[[str], bool] = lambda layer_digest: False,
+    blobs: dict[str, RemoteBlob] | None = None,
 ) -> list[Any]:
     """The daemon's layer hooks (bridge.LayerHooks) as configured, started in `nursery`.
 
@@ -375,7 +397,7 @@ async def start_layer_hooks(
             window=cfg.profile_window, record=cfg.profile_record, apply=cfg.profile_apply,
             lookup=cfg.profile_lookup, after=restored, parallel=cfg.prefetch_parallel,
             fetcher=fetcher, cache=cache, fetch_timeout=cfg.fetch_timeout,
-            elsewhere=elsewhere,
+            elsewhere=elsewhere, blobs=blobs,
         )
         await nursery.start(service.run)
         hooks.append(service)

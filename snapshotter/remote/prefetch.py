@@ -102,7 +102,8 @@ async def prefetch_steps(
     requests: the steps' batches start strictly in the given order (an image's profile
     interleaves its layers by first access). One result per blob."""
     blobs = list(dict.fromkeys(blob for blob, _ in steps))
-    before = {blob: blob.statistics().bytes_fetched for blob in blobs}
+    # Only the prefetch's own bytes: on-demand reads of the same blobs go on meanwhile.
+    before = {blob: blob.statistics().bytes_prefetch for blob in blobs}
     done = dict.fromkeys(blobs, 0)
     failed = dict.fromkeys(blobs, 0)
     limiter = trio.CapacityLimiter(max(1, parallel))
@@ -126,7 +127,7 @@ async def prefetch_steps(
     return {blob: PrefetchResult(
         chunks=done[blob],
         failed=failed[blob],
-        bytes_fetched=blob.statistics().bytes_fetched - before[blob],
+        bytes_fetched=blob.statistics().bytes_prefetch - before[blob],
         complete=failed[blob] == 0,
     ) for blob in blobs}
 
