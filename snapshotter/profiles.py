@@ -281,8 +281,7 @@ class ProfileService(TaskHost):
         containerd prepares a later layer, its startup chunks are already on the way.
         The manifest (fetched by the digest the profile was checked against) says which
         layers belong to the image and how large their blobs are."""
-        assert image.profile is not None and self._fetcher is not None
-        assert self._cache is not None
+        assert image.profile is not None
         try:
             ref = Reference.parse(source.image_ref).with_digest(Digest.parse(image.manifest))
             manifest = await self._client.get_manifest(ref)

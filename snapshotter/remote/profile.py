@@ -10,9 +10,9 @@ so a wrong or stale profile costs bandwidth and never changes what a file contai
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from snapshotter.digest import Digest
 from snapshotter.errors import InvalidArgument
@@ -40,6 +40,7 @@ MAX_PROFILE_BYTES = 16 << 20
 # Accesses are planned in groups of about this many compressed bytes, each group sorted by
 # blob offset: the order stays first-access at this grain while neighbours coalesce.
 _GROUP_BYTES = 8 << 20
+_T = TypeVar("_T")
 
 
 class InvalidProfile(InvalidArgument):
@@ -139,7 +140,8 @@ def plan_profile(profile: Profile, layer: str, toc: Toc) -> PrefetchPlan:
         if chunk.digest in want and chunk.digest not in known:
             known[chunk.digest] = chunk
     ordered = [known[d] for d in dict.fromkeys(wanted) if d in known]
-    chunks = tuple(c for group in _groups(ordered) for c in group)
+    chunks = tuple(c for group in _groups(ordered, lambda c: c.end - c.offset)
+                   for c in sorted(group, key=_blob_order))
     return PrefetchPlan(end=0, chunks=chunks, reason="profile")
 
 
@@ -163,30 +165,32 @@ def plan_image_profile(profile: Profile, layers: Iterable[str]) -> list[tuple[st
         seen.add(key)
         ordered.append((access.layer, chunk))
     steps: list[tuple[str, list[Chunk]]] = []
-    for group in _groups(ordered, size=lambda item: item[1].end - item[1].offset):
+    for group in _groups(ordered, lambda item: item[1].end - item[1].offset):
         by_layer: dict[str, list[Chunk]] = {}
         for layer, chunk in group:
             by_layer.setdefault(layer, []).append(chunk)
         for layer, chunks in by_layer.items():
-            steps.append((layer, sorted(chunks, key=lambda c: (c.offset, c.inner_offset))))
+            steps.append((layer, sorted(chunks, key=_blob_order)))
     return steps
 
 
-def _groups(items: list[Any], size: Any = None) -> list[list[Any]]:
-    """`items` cut into consecutive groups of about `_GROUP_BYTES` compressed bytes; plain
-    chunk groups come back sorted by blob offset so that neighbours coalesce."""
-    measure = size or (lambda c: c.end - c.offset)
-    groups: list[list[Any]] = []
+def _groups(items: list[_T], size: Callable[[_T], int]) -> list[list[_T]]:
+    """`items` cut, in order, into consecutive groups of about `_GROUP_BYTES` compressed
+    bytes: first-access order at that grain; callers sort each group by blob offset so
+    that neighbours coalesce."""
+    groups: list[list[_T]] = []
     total = _GROUP_BYTES
     for item in items:
         if total >= _GROUP_BYTES:
             groups.append([])
             total = 0
         groups[-1].append(item)
-        total += measure(item)
-    if size is None:
-        groups = [sorted(g, key=lambda c: (c.offset, c.inner_offset)) for g in groups]
+        total += size(item)
     return groups
+
+
+def _blob_order(chunk: Chunk) -> tuple[int, int]:
+    return chunk.offset, chunk.inner_offset
 
 
 @dataclass
