@@ -29,7 +29,7 @@ from snapshotter.remote.layer import load_toc
 from snapshotter.remote.profile import encode_profile
 from snapshotter.remote.profile_oci import push_profile
 from tests.registry.fakeregistry import FakeRegistry
-from tests.remote.remote_fakes import CHUNK, FILES, layer_tar
+from tests.remote.remote_fakes import CHUNK, FILES, layer_tar, signed_profile
 
 REF = "registry.test/app:v1"
 FAST_RETRY = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, total_time=5.0)
@@ -256,8 +256,9 @@ async def test_layers_restored_at_start_are_not_profiled(bench) -> None:
     cache.close()
 
 
-async def _apply_ahead(bench: Bench, raw: bytes) -> tuple[ChunkCache, RemoteBlob, object, dict]:  # type: ignore[type-arg]
-    service, store, _repo, cache, toc, blob, source = await bench.daemon(ahead=True)
+async def _apply_ahead(  # type: ignore[no-untyped-def]
+        bench: Bench, raw: bytes, **kw) -> tuple[ChunkCache, RemoteBlob, object, dict]:  # type: ignore[type-arg]
+    service, store, _repo, cache, toc, blob, source = await bench.daemon(ahead=True, **kw)
     store.save_raw(raw)
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
@@ -301,7 +302,7 @@ async def test_a_profile_whose_spans_lie_costs_fetches_never_content(bench, capl
         row[5:9] = doc["accesses"][-1][5:9]
     from snapshotter.remote.profile import decode_profile
 
-    forged = encode_profile(decode_profile(encode_for_body(doc)))
+    forged = encode_profile(decode_profile(signed_profile(doc)))
     with caplog.at_level(logging.WARNING):
         cache, blob, toc, row = await _apply_ahead(bench, forged)
     by_name = toc.by_name()  # type: ignore[attr-defined]
@@ -315,27 +316,13 @@ async def test_a_profile_whose_spans_lie_costs_fetches_never_content(bench, capl
     cache.close()
 
 
-def encode_for_body(body: dict) -> bytes:  # type: ignore[type-arg]
-    """A self-consistent document around `body` (a forger can always make one)."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return json.dumps({"digest": str(Digest.of(canonical)), "profile": body}).encode()
-
-
 async def test_layers_served_from_elsewhere_are_not_fetched_ahead(bench) -> None:
     """A layer a repository root holds is never read through the repository, so the
     image-wide fetch leaves it out (were it attached lazily after all, its own TOC-located
     prefetch still runs)."""
     raw = await _learn(bench)
-    service, store, _repo, cache, toc, blob, source = await bench.daemon(
-        ahead=True, elsewhere=lambda digest: digest == bench.layer)
-    store.save_raw(raw)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        service.attached("1", source, toc, blob)
-        with trio.fail_after(10):
-            while not _settled(service, bench):
-                await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
+    cache, blob, _toc, _row = await _apply_ahead(
+        bench, raw, elsewhere=lambda digest: digest == bench.layer)
     assert bench.ahead_ranges == []
     assert blob.statistics().bytes_prefetch > 0
     cache.close()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import tarfile
+from typing import Any
 
 import trio
 
@@ -111,3 +113,10 @@ class FakeSource:
             return data[:-1]
         assert isinstance(action, BaseException), action
         raise action
+
+
+def signed_profile(body: dict[str, Any]) -> bytes:
+    """A profile document whose digest matches `body`, whatever `body` says: anyone can
+    make one, so the checks that matter are the ones after the digest."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({"digest": str(Digest.of(canonical)), "profile": body}).encode()

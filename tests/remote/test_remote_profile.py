@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from remote_fakes import FakeSource, layout, pieces
+from remote_fakes import FakeSource, layout, pieces, signed_profile
 
 from snapshotter.digest import Digest
 from snapshotter.format.toc import Chunk, Entry, Toc
@@ -99,10 +99,8 @@ def test_malformed_profiles_are_refused(raw: bytes) -> None:
 def test_malformed_body_with_a_matching_digest_is_refused() -> None:
     body = {"schema": "lazysnap.profile.v1", "manifest": MANIFEST, "layers": [LAYER],
             "accesses": [[7, "f", 0, LAYER, 0.0]]}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    raw = json.dumps({"digest": str(Digest.of(canonical)), "profile": body}).encode()
     with pytest.raises(InvalidProfile, match="access #0"):
-        decode_profile(raw)
+        decode_profile(signed_profile(body))
 
 
 def test_plan_follows_first_access_order_and_skips_unknown_chunks(six, monkeypatch) -> None:
@@ -152,7 +150,7 @@ def test_recorded_spans_round_trip_and_locate_the_chunk(six) -> None:
 def test_profiles_without_spans_still_decode() -> None:
     body = {"schema": "lazysnap.profile.v1", "manifest": MANIFEST, "layers": [LAYER],
             "accesses": [[0, "f", 0, LAYER, 0.0]]}
-    (access,) = decode_profile(_signed(body)).accesses
+    (access,) = decode_profile(signed_profile(body)).accesses
     assert access.span is None and access.as_chunk() is None
 
 
@@ -164,12 +162,7 @@ def test_malformed_spans_are_refused(span: list[object]) -> None:
     body = {"schema": "lazysnap.profile.v1", "manifest": MANIFEST, "layers": [LAYER],
             "accesses": [[0, "f", 0, LAYER, 0.0, *span]]}
     with pytest.raises(InvalidProfile, match="access #0"):
-        decode_profile(_signed(body))
-
-
-def _signed(body: dict) -> bytes:  # type: ignore[type-arg]
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return json.dumps({"digest": str(Digest.of(canonical)), "profile": body}).encode()
+        decode_profile(signed_profile(body))
 
 
 def test_image_plan_interleaves_layers_in_first_access_order(six, monkeypatch) -> None:
