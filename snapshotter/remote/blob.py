@@ -199,7 +199,10 @@ class RemoteBlob:
         return data
 
     async def read_chunks(
-        self, chunks: Sequence[Chunk], *, purpose: Purpose = "demand",
+        self,
+        chunks: Sequence[Chunk],
+        *,
+        purpose: Purpose = "demand",
         along: Sequence[Chunk] = (),
     ) -> list[bytes]:
         """The verified bytes of each chunk, in order; missing neighbours share one request.
@@ -240,13 +243,14 @@ class RemoteBlob:
 
             async def fetch() -> bytes:
                 nonlocal fetched
-                data = await source.extract(chunk)
+                member = await source.member(chunk)
                 fetched = True
-                return data
+                return member
 
             data = await self.cache.get_or_fetch(
-                _parse_digest(chunk.digest, self.name), fetch, what=self._what(chunk)
-            )
+                _parse_digest(chunk.digest, self.name), fetch, what=self._what(chunk),
+                prepare=functools.partial(_extract, chunk=chunk, name=self.name),
+            )  # fmt: skip
             if fetched:
                 self._chunks_fetched += 1
             else:
@@ -369,14 +373,14 @@ class _SharedRange:
             ) from self._error
         return self._data
 
-    async def extract(self, chunk: Chunk) -> bytes:
+    async def member(self, chunk: Chunk) -> bytes:
+        """The compressed bytes of `chunk`; the cache inflates them (`_extract`) in the
+        worker thread that verifies them, off the trio thread that serves FUSE."""
         data = await self._get()
-        member = data[chunk.offset - self.start : chunk.end - self.start]
-        # Inflating is CPU work; keep it off the trio thread that serves FUSE.
-        return await trio.to_thread.run_sync(_extract, member, chunk, self.blob.name)
+        return data[chunk.offset - self.start : chunk.end - self.start]
 
 
-def _extract(member: bytes, chunk: Chunk, name: str) -> bytes:
+def _extract(member: bytes, *, chunk: Chunk, name: str) -> bytes:
     try:
         return extract_chunk(member, chunk)
     except DataLoss:
