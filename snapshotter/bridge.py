@@ -53,11 +53,15 @@ class LayerFallback(RemoteRequired):
 class LayerHooks(Protocol):
     """Told about lazy layers (`profiles.ProfileService`, `native.NativeLayers`).
 
+    `preparing` runs in the trio thread when a layer starts being attached (before its
+    TOC is fetched, so that image-wide work can overlap that fetch) and must not block;
     `attached` runs in the trio thread right after a layer is attached (or restored) and
     must not block; `lowerdir(digest)` (any thread) may name another directory holding
     the same tree for new mounts, or None; `released(digest)` (any thread) comes after
     the layer's last snapshot is gone; `status(digest)` adds fields to the status row.
     """
+
+    def preparing(self, source: LayerSource) -> None: ...
 
     def attached(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
         ...
@@ -344,6 +348,11 @@ class FuseRemoteLayers:
             if layer is not None and layer.blob is not None:
                 layer.refs += 1
                 return self._handle(layer)
+        for hook in self._hooks:
+            try:
+                hook.preparing(source)
+            except Exception:  # profiles are optimisations, never fatal
+                log.exception("layer %s: %s failed", source.layer_digest, type(hook).__name__)
         toc_digest = Digest.parse(source.toc_digest) if source.toc_digest else None
         unverified_ok = self._cfg.allow_no_verification and source.skip_verify
         ref = Reference.parse(source.image_ref)

@@ -81,6 +81,9 @@ class NativeLayers(TaskHost):
 
     # -- trio thread ------------------------------------------------------------------------
 
+    def preparing(self, source: LayerSource) -> None:
+        pass  # a native directory needs the layer's TOC
+
     def attached(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
         digest = source.layer_digest
         with self._lock:

@@ -31,6 +31,7 @@ from snapshotter.fs.repository import Repository
 from snapshotter.labels import LayerSource
 from snapshotter.native import NativeLayers
 from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.manifest import Manifest
 from snapshotter.registry.reference import Reference
 from snapshotter.remote.blob import FetchRange, RemoteBlob
 from snapshotter.remote.prefetch import PrefetchResult, prefetch, prefetch_steps
@@ -111,6 +112,7 @@ class _Image:
     looked_up: bool = False
     settled: bool = False  # the lookup is over: `profile` is what there is
     ahead: trio.Event | None = None  # set once the image-wide prefetch (`_ahead`) is over
+    document: Manifest | None = None  # the manifest, when resolving the tag fetched it
 
 
 class ProfileService(TaskHost):
@@ -162,9 +164,14 @@ class ProfileService(TaskHost):
 
     # -- called by the bridge (trio thread) ----------------------------------------------
 
+    def preparing(self, source: LayerSource) -> None:
+        """Look the image's profile up while the layer's TOC is fetched: the fetch ahead
+        then starts a TOC's round trips and parse earlier (most of a small image's pull)."""
+        if self.apply and self._active():
+            self._spawn(self._early, source)
+
     def attached(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
-        if not (self.record or self.apply) or (
-                self._after is not None and not self._after.is_set()):
+        if not (self.record or self.apply) or not self._active():
             return
         self._attached_blobs[source.layer_digest] = blob
         self._spawn(self._start, layer_id, source, toc, blob)
@@ -197,6 +204,14 @@ class ProfileService(TaskHost):
         except Exception:  # a system task must not raise; a profile is never fatal
             log.exception("profile work failed")
 
+    def _active(self) -> bool:
+        return self._after is None or self._after.is_set()
+
+    async def _early(self, source: LayerSource) -> None:
+        manifest = await self._manifest_of(source)
+        if manifest is not None:
+            await self._settle(self._images.setdefault(manifest, _Image(manifest)), source)
+
     async def _start(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
         manifest = await self._manifest_of(source)
         if manifest is None:
@@ -210,6 +225,13 @@ class ProfileService(TaskHost):
         layer = self._repo.layer(layer_id)
         if layer is not None:
             layer.observer = partial(self._on_read, source.layer_digest)
+        await self._settle(image, source)
+        if image.profile is not None and self.apply:
+            await self._apply(image, source, toc, blob)
+
+    async def _settle(self, image: _Image, source: LayerSource) -> None:
+        """Find the image's profile once (store, then registry) and start its fetch ahead;
+        later callers wait for the first one's answer."""
         async with image.lock:
             if not image.looked_up:
                 image.looked_up = True
@@ -220,8 +242,6 @@ class ProfileService(TaskHost):
                         image.ahead = trio.Event()
                         self._spawn(self._ahead, image, source)
                 image.settled = True
-        if image.profile is not None and self.apply:
-            await self._apply(image, source, toc, blob)
 
     async def _manifest_of(self, source: LayerSource) -> str | None:
         """The image's manifest digest: CRI's label, else the reference resolved now (ctr
@@ -235,11 +255,14 @@ class ProfileService(TaskHost):
             known = self._resolved.get(source.image_ref)
             if known is not None and time.monotonic() - known[1] < _RESOLVE_TTL:
                 return known[0]
-            manifest = str((await self._client.get_manifest(ref)).digest)
+            document = await self._client.get_manifest(ref)
         except LazysnapError as exc:
             log.info("image %s: no manifest digest, so no profile (%s)", source.image_ref, exc)
             return None
+        manifest = str(document.digest)
         self._resolved[source.image_ref] = (manifest, time.monotonic())
+        image = self._images.setdefault(manifest, _Image(manifest))
+        image.document = image.document or document
         return manifest
 
     async def _find(self, image: _Image, source: LayerSource) -> None:
@@ -284,7 +307,8 @@ class ProfileService(TaskHost):
         assert image.profile is not None
         try:
             ref = Reference.parse(source.image_ref).with_digest(Digest.parse(image.manifest))
-            manifest = await self._client.get_manifest(ref)
+            # The tag's manifest has the digest the profile names: it is the same document.
+            manifest = image.document or await self._client.get_manifest(ref)
         except LazysnapError as exc:
             log.info("image %s: profile applied per layer only (%s)", source.image_ref, exc)
             return

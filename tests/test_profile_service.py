@@ -292,6 +292,33 @@ async def test_a_found_profile_is_fetched_ahead_from_its_spans_for_the_whole_ima
     cache.close()
 
 
+async def test_preparing_a_layer_starts_the_fetch_ahead_before_its_toc_is_read(bench) -> None:
+    """Told that a layer is being prepared (its TOC not fetched yet), the service looks
+    the profile up and fetches its chunks into a blob the bridge adopts on attach; the
+    manifest the tag resolved to is not fetched again."""
+    raw = await _learn(bench)
+    service, store, _repo, cache, toc, _blob, source = await bench.daemon(ahead=True)
+    store.save_raw(raw)
+    bench.fake.seen.clear()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        service.preparing(source)
+        with trio.fail_after(10):
+            while not bench.ahead_ranges or service.blobs.get(bench.layer) is None:
+                await trio.sleep(0.01)
+            image = service._images[bench.manifest]
+            assert image.ahead is not None
+            await image.ahead.wait()
+        nursery.cancel_scope.cancel()
+    ahead = service.blobs[bench.layer]
+    assert ahead.statistics().bytes_prefetch > 0
+    by_name = toc.by_name()  # type: ignore[attr-defined]
+    assert all(Digest.parse(c.digest) in cache for c in by_name["etc/hello.txt"].chunks)
+    manifests = [s.url.path for s in bench.fake.seen if "/manifests/" in s.url.path]
+    assert len(manifests) == 1, manifests  # the tag, resolved once
+    cache.close()
+
+
 @pytest.mark.allow_log_errors
 async def test_a_profile_whose_spans_lie_costs_fetches_never_content(bench, caplog) -> None:
     """Spans are the profile's word, not the TOC's: one that points at other bytes fails

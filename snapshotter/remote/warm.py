@@ -232,6 +232,9 @@ class WarmHooks:
         self.warmer = warmer
         self._token = token
 
+    def preparing(self, source: Any) -> None:
+        pass  # a prefetch plan needs the layer's TOC
+
     def attached(self, layer_id: str, source: Any, toc: Toc, blob: RemoteBlob) -> None:
         self.warmer.attach(source.layer_digest, blob, toc, prefetch_size=source.prefetch_size)
 

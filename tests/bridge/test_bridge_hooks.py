@@ -25,8 +25,14 @@ class FakeHook:
     def __init__(self, native: str | None = None, broken: bool = False) -> None:
         self.native = native
         self.broken = broken
+        self.preparing_: list[str] = []
         self.attached_: list[tuple[str, str, int]] = []
         self.released_: list[str] = []
+
+    def preparing(self, source: LayerSource) -> None:
+        if self.broken:
+            raise RuntimeError("hook bug")
+        self.preparing_.append(source.layer_digest)
 
     def attached(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
         if self.broken:
@@ -64,7 +70,8 @@ async def test_hooks_hear_of_attach_and_release_and_may_answer_the_lowerdir(tmp_
             one = await trio.to_thread.run_sync(bridge.prepare, "k1", "", labels)
             two = await trio.to_thread.run_sync(bridge.prepare, "k2", "", labels)
             assert one is not None and two is not None
-            # told once, with the TOC (root, etc, usr and two files)
+            # told once, with the TOC (root, etc, usr and two files), and once before
+            assert quiet.preparing_ == [layer.digest]
             assert quiet.attached_ == [(json.loads(one)["dir"], layer.digest, 5)]
             assert bridge.lowerdir(one) == "/somewhere/native"
             assert bridge.status()["layers"][0]["fake"] == layer.digest[:12]
