@@ -48,6 +48,12 @@ class PathIndex:
             if 2 * self._count > len(self._rows):
                 self._grow()
 
+    def add(self, path: str, row: int) -> None:
+        """Index `path`, known not to be indexed yet, at `row`."""
+        self._insert(hash(path), row)
+        if 2 * self._count > len(self._rows):
+            self._grow()
+
     def _insert(self, h: int, row: int) -> None:
         rows = self._rows
         mask = len(rows) - 1

@@ -81,9 +81,11 @@ class TocBuilder:
         self, name: str, type: str, *, mode: int = 0, uid: int = 0, gid: int = 0,
         size: int = 0, mtime_ns: int = 0, link_name: str = "", dev_major: int = 0,
         dev_minor: int = 0, xattrs: tuple[tuple[str, bytes], ...] = (), digest: str = "",
+        new: bool = False,
     ) -> int:  # fmt: skip
-        """Append an entry; returns its row."""
-        self._end_file()
+        """Append an entry; returns its row. `new`: the caller found `name` absent."""
+        if self._digest:
+            self._end_file()
         i = len(self._kind)
         dirname, _, base = name.rpartition("/")
         parent = 0
@@ -93,13 +95,16 @@ class TocBuilder:
                 self._orphans[i] = dirname
             else:
                 parent = found + 1
-        self._paths.setdefault(name, i)
+        if new:
+            self._paths.add(name, i)
+        else:
+            self._paths.setdefault(name, i)
         self._name_at.append(self._name_at[-1] + self._names.write(base.encode()))
         self._parent.append(parent)
         self._chunk_at.append(len(self._c_pos))
         code = TYPE_CODE.get(type, OTHER_TYPE)
         self._kind.append(code)
-        odd: dict[str, Any] = {} if code != OTHER_TYPE else {"type": type}
+        odd: dict[str, Any] | None = None if code != OTHER_TYPE else {"type": type}
         try:
             self._mode.append(mode)
             self._uid.append(uid)
@@ -107,11 +112,14 @@ class TocBuilder:
             self._mtime.append(mtime_ns)
             self._size.append(size)
         except OverflowError:
+            odd = odd or {}
             self._spill(i, odd, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns, size=size)
-        if xattrs:
-            odd["xattrs"] = xattrs
-        if dev_major or dev_minor:
-            odd["dev"] = (dev_major, dev_minor)
+        if xattrs or dev_major or dev_minor:
+            odd = odd or {}
+            if xattrs:
+                odd["xattrs"] = xattrs
+            if dev_major or dev_minor:
+                odd["dev"] = (dev_major, dev_minor)
         if odd:
             self._odd[i] = odd
         if link_name:

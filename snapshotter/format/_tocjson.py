@@ -241,11 +241,15 @@ class _TocParser:
         )
 
     def _entry(self, i: int, raw: dict[str, Any]) -> None:
-        name = _norm(raw.get("name"), i)
-        typ = raw.get("type")
+        # The hot loop of a pull (tens of thousands of entries): the checks of `_int` are
+        # inlined, and `_int` is called only to raise with its message.
+        get = raw.get
+        name = _norm(get("name"), i)
+        typ = get("type")
         if typ == "chunk":
             return self._chunk(i, raw, name)
-        self._close_reg()
+        if self.open_reg is not None:
+            self._close_reg()
         if typ not in ENTRY_TYPES:
             raise _fail(i, name, f"unknown type {typ!r}")
         if name in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
@@ -253,16 +257,21 @@ class _TocParser:
         if name == "" and typ != "dir":
             raise _fail(i, name, f"the root must be a directory, not {typ}")
         self._parents(i, name)
-        text = raw.get("modtime")
-        mtime = self.mtimes.get(text) if isinstance(text, str) else None
+        text = get("modtime")
+        mtime = self.mtimes.get(text) if type(text) is str else None
         if mtime is None:
             mtime = _mtime_ns(text, i, name)
             if isinstance(text, str):
                 self.mtimes[text] = mtime
-        mode = _int(raw, "mode", i) & 0o7777
-        uid = _int(raw, "uid", i, _MAX_ID)
-        gid = _int(raw, "gid", i, _MAX_ID)
-        xattrs = _xattrs(raw.get("xattrs"), i, name) if "xattrs" in raw else ()
+        mode, uid, gid = get("mode", 0), get("uid", 0), get("gid", 0)
+        if type(mode) is not int or not 0 <= mode <= _MAX_INT:
+            _int(raw, "mode", i)
+        if type(uid) is not int or not 0 <= uid <= _MAX_ID:
+            _int(raw, "uid", i, _MAX_ID)
+        if type(gid) is not int or not 0 <= gid <= _MAX_ID:
+            _int(raw, "gid", i, _MAX_ID)
+        mode &= 0o7777
+        xattrs = _xattrs(get("xattrs"), i, name) if "xattrs" in raw else ()
         toc = self.toc
         pos = toc.find(name)
         if pos is not None:
@@ -272,8 +281,12 @@ class _TocParser:
             raise _fail(i, name, f"duplicate entry ({toc.type(pos)}, then {typ})")
         size, major, minor, link, digest = 0, 0, 0, "", ""
         if typ == "reg":
-            size = _int(raw, "size", i)
-            digest = _digest(raw, "digest", i, name, required=False)
+            size = get("size", 0)
+            if type(size) is not int or not 0 <= size <= _MAX_INT:
+                _int(raw, "size", i)
+            digest = get("digest", "")
+            if digest != "" and (type(digest) is not str or _DIGEST.fullmatch(digest) is None):
+                _digest(raw, "digest", i, name, required=False)
         elif typ == "symlink":
             target = raw.get("linkName")
             if not isinstance(target, str) or not target or "\0" in target:
@@ -287,10 +300,11 @@ class _TocParser:
         toc.add(
             name, typ, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime,
             link_name=link, dev_major=major, dev_minor=minor, xattrs=xattrs, digest=digest,
+            new=True,
         )  # fmt: skip
         if size:
             self.open_reg = _File(name, size, digest)
-            if raw.get("chunkOffset", 0) != 0:
+            if get("chunkOffset", 0) != 0:
                 raise _fail(i, name, "the reg entry must hold the chunk at file offset 0")
             self._chunk(i, raw, name)
         return None
@@ -311,20 +325,28 @@ class _TocParser:
         f = self.open_reg
         if f is None or f.name != name:
             raise _fail(i, name, "chunk entry does not follow a non-empty reg entry of that name")
-        chunk_offset = _int(raw, "chunkOffset", i)
-        size = _int(raw, "chunkSize", i) or f.size - chunk_offset  # 0: to the end
+        get = raw.get
+        chunk_offset, size, inner, offset = (
+            get("chunkOffset", 0), get("chunkSize", 0), get("innerOffset", 0), get("offset", 0)
+        )
+        for key, v in (("chunkOffset", chunk_offset), ("chunkSize", size),
+                       ("innerOffset", inner), ("offset", offset)):  # fmt: skip
+            if type(v) is not int or not 0 <= v <= _MAX_INT:
+                _int(raw, key, i)
+        size = size or f.size - chunk_offset  # 0: to the end
         if chunk_offset != f.at or size <= 0 or f.at + size > f.size:
             raise _fail(
                 i, name, f"chunk at file offset {chunk_offset} (size {size}) does not continue "
                 f"at {f.at} within a file of {f.size} bytes",
             )  # fmt: skip
         f.at += size
-        inner = _int(raw, "innerOffset", i)
         whole = size == f.size and f.digest
         # Legacy (CRFS) TOCs have no chunkDigest; a one-chunk file's digest says the same.
-        digest = _digest(raw, "chunkDigest", i, name, required=not whole) or f.digest
-        offset = _int(raw, "offset", i)
-        self._advance(offset, i, name)
+        digest = get("chunkDigest", "")
+        if type(digest) is not str or _DIGEST.fullmatch(digest) is None:
+            digest = _digest(raw, "chunkDigest", i, name, required=not whole) or f.digest
+        if offset != self.offset:
+            self._advance(offset, i, name)
         row = self.toc.add_chunk(chunk_offset, size, offset, inner, digest)
         self.waiting.append((row, inner, size, name))
 
