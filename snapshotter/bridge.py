@@ -36,6 +36,7 @@ from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference
 from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.layer import TocDigestMissing, load_toc
+from snapshotter.remote.tocahead import TocsAhead
 from snapshotter.remote.tocstore import TocStore
 from snapshotter.remote.warm import HostPool, Warmer, WarmHooks, WarmPolicy
 
@@ -163,6 +164,9 @@ class FuseRemoteLayers:
         self._token = token
         self._mountpoint = cfg.root / "repo"
         self._tocs = TocStore(cfg.root / "tocs")
+        # The TOCs of an image's later layers, loaded once its first layer is prepared
+        # (the daemon runs `tocs_ahead.run`).
+        self.tocs_ahead = TocsAhead(client, self._load_toc)
         self._lock = threading.Lock()
         self._layers: dict[str, _Attached] = {}  # by layer digest
         # Layers found in a repository root, by digest: [source, path, snapshots].
@@ -324,6 +328,22 @@ class FuseRemoteLayers:
     def _find_in_roots(self, layer_digest: str) -> Path | None:
         return find_in_roots(self._cfg.repository_roots, layer_digest)
 
+    async def _load_toc(self, source: LayerSource, size: int) -> Toc:
+        """A layer's verified TOC, for `tocs_ahead` (what an attach would load)."""
+        return await load_toc(
+            self._fetcher(source), blob_size=size, toc_digest=Digest.parse(source.toc_digest),
+            max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
+            timeout=self._cfg.fetch_timeout, name=f"layer {source.layer_digest}",
+            toc_store=self._tocs,
+        )
+
+    def _known(self, layer_digest: str) -> bool:
+        """Attached already, or served from a repository root: no TOC to load ahead."""
+        with self._lock:
+            if layer_digest in self._layers:
+                return True
+        return self._find_in_roots(layer_digest) is not None
+
     def _fetcher(self, source: LayerSource) -> Callable[[int, int], Awaitable[bytes]]:
         ref = Reference.parse(source.image_ref)
         return self.hosts.limited(
@@ -359,12 +379,15 @@ class FuseRemoteLayers:
         digest = Digest.parse(source.layer_digest)
         size = await self._client.blob_size(ref, digest)
         fetch = self._fetcher(source)
-        toc = await load_toc(
-            fetch, blob_size=size, toc_digest=toc_digest,
-            max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
-            allow_unverified=unverified_ok, timeout=self._cfg.fetch_timeout,
-            name=f"layer {digest}", toc_store=self._tocs,
-        )
+        toc = await self.tocs_ahead.take(source, size) if toc_digest is not None else None
+        if toc is None:
+            toc = await load_toc(
+                fetch, blob_size=size, toc_digest=toc_digest,
+                max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
+                allow_unverified=unverified_ok, timeout=self._cfg.fetch_timeout,
+                name=f"layer {digest}", toc_store=self._tocs,
+            )
+        self.tocs_ahead.seen(source, self._known)
         with self._lock:
             layer = self._layers.get(source.layer_digest)
             if layer is None:
