@@ -7,6 +7,7 @@ knows nothing of HTTP (the caller binds the registry client) nor of files (fs/ a
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import math
@@ -46,6 +47,14 @@ COALESCE_LIMIT = 16 << 20  # one Range GET never asks for more than this (unless
 
 Purpose = Literal["demand", "prefetch", "background"]
 """Why a read happens: a reader is waiting, startup prefetch, or background completion."""
+
+FETCH_PURPOSE: contextvars.ContextVar[Purpose | Literal["toc"]] = contextvars.ContextVar(
+    "lazysnap_fetch_purpose", default="demand"
+)
+"""Why the range request being made now is made, for a `FetchRange` to read (the per-host
+pool lets TOC fetches go first, `remote/warm.py`): set around the request by the blob
+(its read's purpose) and by the TOC load ("toc"), so fetch functions keep their
+`(start, end)` signature."""
 
 
 class ChunkFetchTimeout(Unavailable):
@@ -327,11 +336,14 @@ class RemoteBlob:
     async def _fetch(self, start: int, end: int, purpose: Purpose) -> bytes:
         self._fetches += 1
         started = time.perf_counter()
+        token = FETCH_PURPOSE.set(purpose)
         try:
             data = await self._fetch_range(start, end)
         except Exception:
             metrics.count_fetch_error(purpose)
             raise
+        finally:
+            FETCH_PURPOSE.reset(token)
         metrics.observe_fetch(purpose, len(data), time.perf_counter() - started)
         self._bytes[purpose] += len(data)
         if len(data) != end - start:

@@ -21,7 +21,13 @@ from snapshotter.format.estargz import (
     parse_toc_member,
 )
 from snapshotter.format.toc import Toc
-from snapshotter.remote.blob import DemandGauge, FetchRange, RemoteBlob, ShortRead
+from snapshotter.remote.blob import (
+    FETCH_PURPOSE,
+    DemandGauge,
+    FetchRange,
+    RemoteBlob,
+    ShortRead,
+)
 from snapshotter.remote.tocstore import TocStore
 
 __all__ = [
@@ -162,7 +168,11 @@ async def open_layer(
 
 
 async def _fetch(fetch_range: FetchRange, start: int, end: int, name: str) -> bytes:
-    data = await fetch_range(start, end)
+    token = FETCH_PURPOSE.set("toc")
+    try:
+        data = await fetch_range(start, end)
+    finally:
+        FETCH_PURPOSE.reset(token)
     if len(data) != end - start:
         raise ShortRead(f"{name}: range [{start}, {end}) answered with {len(data)} bytes")
     return data

@@ -16,7 +16,7 @@ import trio
 
 from snapshotter.errors import LazysnapError
 from snapshotter.format.toc import Toc
-from snapshotter.remote.blob import DemandGauge, RemoteBlob
+from snapshotter.remote.blob import FETCH_PURPOSE, DemandGauge, RemoteBlob
 from snapshotter.remote.prefetch import (
     BACKGROUND_BATCH,
     PrefetchPlan,
@@ -63,22 +63,49 @@ class _Layer:
     background: str = "off"  # off, waiting, running, complete, incomplete, stopped
 
 
+@dataclass
+class _Host:
+    limiter: trio.CapacityLimiter
+    tocs: int = 0  # TOC fetches in flight
+    no_tocs: trio.Event = field(default_factory=trio.Event)
+
+
 class HostPool:
     """At most `per_host` range requests in flight to one registry host, all blobs
     together: a burst of reads over many layers queues here instead of opening
-    connections without bound (and a slow one holds only its own slot)."""
+    connections without bound (and a slow one holds only its own slot).
+
+    TOC fetches go first: while one is in flight to a host, prefetch and background
+    requests (`blob.FETCH_PURPOSE`) wait before they start. A Prepare waits for its
+    TOC, and a prefetch of tens of requests in flight would otherwise leave it a
+    tenth of the link (measured: 2.6 s instead of 0.3 s for a 2 MB TOC at 100 Mbit/s).
+    Demand reads neither wait nor hold the others back.
+    """
 
     def __init__(self, per_host: int) -> None:
         self.per_host = max(1, per_host)
-        self._limiters: dict[str, trio.CapacityLimiter] = {}
+        self._hosts: dict[str, _Host] = {}
 
     def limited(self, host: str, fetch: FetchRange) -> FetchRange:
         async def fetch_range(start: int, end: int) -> bytes:
-            limiter = self._limiters.get(host)
-            if limiter is None:
-                limiter = self._limiters[host] = trio.CapacityLimiter(self.per_host)
-            async with limiter:
-                return await fetch(start, end)
+            state = self._hosts.get(host)
+            if state is None:
+                state = self._hosts[host] = _Host(trio.CapacityLimiter(self.per_host))
+            purpose = FETCH_PURPOSE.get()
+            if purpose in ("prefetch", "background"):
+                while state.tocs:
+                    await state.no_tocs.wait()
+            elif purpose == "toc":
+                state.tocs += 1
+            try:
+                async with state.limiter:
+                    return await fetch(start, end)
+            finally:
+                if purpose == "toc":
+                    state.tocs -= 1
+                    if not state.tocs:
+                        state.no_tocs.set()
+                        state.no_tocs = trio.Event()
 
         return fetch_range
 

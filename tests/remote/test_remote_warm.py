@@ -11,7 +11,7 @@ import trio.testing
 from remote_fakes import layout, pieces
 
 from snapshotter.format.toc import Chunk, Entry, Toc
-from snapshotter.remote.blob import RemoteBlob
+from snapshotter.remote.blob import FETCH_PURPOSE, RemoteBlob
 from snapshotter.remote.prefetch import missing_chunks
 from snapshotter.remote.warm import HostPool, Warmer, WarmPolicy
 
@@ -192,3 +192,34 @@ async def test_host_pool_bounds_requests_per_host() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert peak == inflight == 3  # two to "a", one to "b"
         gate.set()
+
+
+async def test_host_pool_lets_toc_fetches_go_before_prefetch_requests() -> None:
+    """While a TOC fetch is in flight to a host, prefetch and background requests wait to
+    start (a Prepare waits on the TOC); demand reads and other hosts do not."""
+    pool = HostPool(8)
+    started: list[str] = []
+    toc_done = trio.Event()
+
+    async def fetch(start: int, end: int) -> bytes:
+        started.append(FETCH_PURPOSE.get())
+        if FETCH_PURPOSE.get() == "toc":
+            await toc_done.wait()
+        return b""
+
+    a, b = pool.limited("a", fetch), pool.limited("b", fetch)
+
+    async def as_(purpose: str, fetch_range) -> None:  # type: ignore[no-untyped-def]
+        FETCH_PURPOSE.set(purpose)  # type: ignore[arg-type]  # this task's own context
+        await fetch_range(0, 1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(as_, "toc", a)
+        await trio.testing.wait_all_tasks_blocked()
+        for purpose in ("prefetch", "background", "demand"):
+            nursery.start_soon(as_, purpose, a)
+        nursery.start_soon(as_, "prefetch", b)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(started) == ["demand", "prefetch", "toc"]  # b's prefetch; a's demand
+        toc_done.set()
+    assert sorted(started) == ["background", "demand", "prefetch", "prefetch", "toc"]
