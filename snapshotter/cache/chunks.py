@@ -102,6 +102,7 @@ class ChunkCache:
         self._lru: OrderedDict[Digest, int] = OrderedDict()
         self._bytes = 0
         self._hits = self._misses = self._evictions = self._corrupt = 0
+        self._index_misses = 0  # misses seen by get_or_fetch in the index (trio thread only)
         self._flights: dict[Digest, _Flight] = {}
         self._verified: set[Digest] = set()  # checked whole by this process (see above)
         self._touched: set[Digest] = set()  # file times bumped since _touch_epoch
@@ -279,7 +280,7 @@ class ChunkCache:
                 bytes=self._bytes,
                 max_bytes=self.max_bytes,
                 hits=self._hits,
-                misses=self._misses,
+                misses=self._misses + self._index_misses,
                 evictions=self._evictions,
                 corrupt=self._corrupt,
                 in_flight=len(self._flights),
@@ -324,9 +325,12 @@ class ChunkCache:
             flight = self._flights.get(digest)
             if flight is None:
                 # Not indexed: no file to read, so no worker thread to wake for it.
-                data = await self.aget(digest) if digest in self._lru else None
-                if data is not None:
-                    return data
+                if digest in self._lru:
+                    data = await self.aget(digest)
+                    if data is not None:
+                        return data
+                else:
+                    self._index_misses += 1
                 flight = self._flights.get(digest)
             if flight is None:
                 if digest in self:

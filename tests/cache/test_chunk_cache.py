@@ -283,6 +283,8 @@ async def test_concurrent_readers_share_one_fetch(cache: ChunkCache) -> None:
     assert d in cache
     assert await cache.get_or_fetch(d, fetch) == data
     assert fetch.calls == 1
+    st = cache.statistics()  # the leader missed; the last read hit
+    assert st.misses >= 1 and st.hits >= 1
 
 
 async def test_bad_bytes_fail_every_reader_and_are_not_stored(cache: ChunkCache) -> None:
