@@ -210,17 +210,13 @@ class ProfileService(TaskHost):
     async def _early(self, source: LayerSource) -> None:
         manifest = await self._manifest_of(source)
         if manifest is not None:
-            await self._settle(self._images.setdefault(manifest, _Image(manifest)), source)
+            await self._settle(self._image(manifest, source), source)
 
     async def _start(self, layer_id: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
         manifest = await self._manifest_of(source)
         if manifest is None:
             return
-        image = self._images.setdefault(manifest, _Image(manifest))
-        if self.record and not image.looked_up and image.recorder is None:
-            # Record while the profile is looked up: a slow registry must not cost the
-            # first reads. Dropped if a profile turns up.
-            image.recorder = Recorder(manifest, self.window, image_ref=source.image_ref)
+        image = self._image(manifest, source)
         self._layer_images.setdefault(source.layer_digest, set()).add(manifest)
         layer = self._repo.layer(layer_id)
         if layer is not None:
@@ -228,6 +224,14 @@ class ProfileService(TaskHost):
         await self._settle(image, source)
         if image.profile is not None and self.apply:
             await self._apply(image, source, toc, blob)
+
+    def _image(self, manifest: str, source: LayerSource) -> _Image:
+        image = self._images.setdefault(manifest, _Image(manifest))
+        if self.record and not image.looked_up and image.recorder is None:
+            # Record while the profile is looked up: a slow registry must not cost the
+            # first reads. Dropped if a profile turns up.
+            image.recorder = Recorder(manifest, self.window, image_ref=source.image_ref)
+        return image
 
     async def _settle(self, image: _Image, source: LayerSource) -> None:
         """Find the image's profile once (store, then registry) and start its fetch ahead;

@@ -102,10 +102,17 @@ async def _read(repo: Repository, name: str) -> bytes:
     raise AssertionError(name)
 
 
-async def _learn(bench: Bench) -> bytes:
+async def _learn(bench: Bench, preparing: bool = False) -> bytes:
+    """A profile learned by a fresh daemon; with `preparing`, the bridge first told it
+    the layer was being prepared (the lookup then finds nothing before the attach)."""
     service, store, repo, cache, toc, blob, source = await bench.daemon()
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
+        if preparing:
+            service.preparing(source)
+            with trio.fail_after(5):
+                while not any(image.settled for image in service._images.values()):
+                    await trio.sleep(0.01)
         service.attached("1", source, toc, blob)
         with trio.fail_after(5):
             while repo.layer("1").observer is None:  # type: ignore[union-attr]
@@ -130,6 +137,12 @@ async def test_a_profile_is_learned_from_the_first_reads_of_an_image(bench) -> N
     assert doc["manifest"] == bench.manifest  # resolved from the tag: ctr sends no digest
     assert [a[1] for a in doc["accesses"]][-1] == "etc/hello.txt"
     assert {a[1] for a in doc["accesses"]} == {"usr/lib/big.bin", "etc/hello.txt"}
+
+
+async def test_a_profile_is_learned_when_the_lookup_ran_before_the_attach(bench) -> None:
+    raw = await _learn(bench, preparing=True)
+    assert {a[1] for a in json.loads(raw)["profile"]["accesses"]} == {
+        "usr/lib/big.bin", "etc/hello.txt"}
 
 
 async def _apply(bench: Bench, setup) -> tuple[ChunkCache, RemoteBlob, object]:  # type: ignore[no-untyped-def]
