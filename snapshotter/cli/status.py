@@ -65,8 +65,8 @@ def render(doc: dict[str, Any]) -> str:
             lines.append(
                 f"    prefetch: {row['prefetch']} ({_size(row['bytes_prefetch'])}); "
                 f"background: {row['background']} ({_size(row['bytes_background'])}); "
-                f"on demand: {_size(row['bytes_on_demand'])}, "
-                f"{row['demand_waits']} fetches waited on"
+                f"on demand: {_size(row['bytes_on_demand'])} in "
+                f"{row.get('demand_fetches', 0)} requests, {row['demand_waits']} reads waited"
             )
         extra = _profile_and_native(row)
         if extra:

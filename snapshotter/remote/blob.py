@@ -82,6 +82,7 @@ class BlobStatistics:
     bytes_prefetch: int = 0  # ... for startup prefetch
     bytes_background: int = 0  # ... for background completion
     demand_waits: int = 0  # on-demand reads that had to wait for the network
+    demand_fetches: int = 0  # range requests made for them (a wait may join a prefetch's)
 
 
 class DemandGauge:
@@ -162,7 +163,7 @@ class RemoteBlob:
         self.name = name
         self.demand = demand
         self._reads = self._hits = self._chunks_fetched = 0
-        self._fetches = self._failures = self._demand_waits = 0
+        self._fetches = self._failures = self._demand_waits = self._demand_fetches = 0
         self._bytes: dict[str, int] = {"demand": 0, "prefetch": 0, "background": 0}
 
     def statistics(self) -> BlobStatistics:
@@ -178,6 +179,7 @@ class RemoteBlob:
             bytes_prefetch=self._bytes["prefetch"],
             bytes_background=self._bytes["background"],
             demand_waits=self._demand_waits,
+            demand_fetches=self._demand_fetches,
         )
 
     async def read_chunk(self, chunk: Chunk) -> bytes:
@@ -335,6 +337,7 @@ class RemoteBlob:
 
     async def _fetch(self, start: int, end: int, purpose: Purpose) -> bytes:
         self._fetches += 1
+        self._demand_fetches += purpose == "demand"
         started = time.perf_counter()
         token = FETCH_PURPOSE.set(purpose)
         try:

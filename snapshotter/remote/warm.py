@@ -184,6 +184,7 @@ class Warmer(TaskHost):
             "bytes_background": stats.bytes_background,
             "bytes_on_demand": stats.bytes_on_demand,
             "demand_waits": stats.demand_waits,
+            "demand_fetches": stats.demand_fetches,
         }
 
     def keys(self) -> list[str]:

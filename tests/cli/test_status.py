@@ -173,9 +173,9 @@ def test_a_warmed_layer_shows_bytes_by_purpose(
     doc["layers"][0] |= {"prefetch": "landmark done", "prefetch_chunks": 3,
                          "background": "running", "bytes_prefetch": 512 << 10,
                          "bytes_background": 200 << 10, "bytes_on_demand": 56 << 10,
-                         "demand_waits": 4}
+                         "demand_waits": 4, "demand_fetches": 3}
     _write(tmp_path, doc)
     assert _status(tmp_path) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == ("    prefetch: landmark done (512.0KiB); background: running "
-                        "(200.0KiB); on demand: 56.0KiB, 4 fetches waited on")
+                        "(200.0KiB); on demand: 56.0KiB in 3 requests, 4 reads waited")

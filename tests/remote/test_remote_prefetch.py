@@ -220,3 +220,26 @@ async def test_a_plan_in_access_order_is_fetched_in_that_order(six, cache, fake_
     result = await prefetch(RemoteBlob(source, cache, blob_size=len(data)), plan, parallel=1)
     assert result.complete and result.chunks == 5
     assert source.calls == [(chunks[4].offset, chunks[5].end), (chunks[0].offset, chunks[2].end)]
+
+
+async def test_a_read_that_joins_a_prefetch_waits_without_a_request_of_its_own(
+    six, cache, fake_source
+) -> None:
+    """`demand_waits` counts readers that waited for the network, `demand_fetches` the
+    range requests made for them: a reader of a chunk a prefetch is fetching waits for
+    that fetch (issue 6 counts on-demand requests, as a proxy in front would)."""
+    data, chunks, _toc6 = six
+    source = fake_source(data)
+    blob = RemoteBlob(source, cache, blob_size=len(data))
+    source.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(blob.read_chunks, [chunks[0]], purpose="prefetch"))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(blob.read_chunk, chunks[0])  # joins the prefetch's fetch
+        await trio.testing.wait_all_tasks_blocked()
+        source.gate.set()
+    st = blob.statistics()
+    assert (st.demand_waits, st.demand_fetches, len(source.calls)) == (1, 0, 1)
+    await blob.read_chunk(chunks[3])
+    st = blob.statistics()
+    assert (st.demand_waits, st.demand_fetches, len(source.calls)) == (2, 1, 2)
