@@ -47,6 +47,8 @@ def test_smoke_run_measures_every_part(tmp_path: Path, scratch: Path) -> None:
             fetched = ratios[("cold_start", f"{image} @ {cond}", "bytes", "lazysnap")]
             assert fetched is not None and fetched < 1.0
     assert ratios[("read_path", "seq warm", "throughput", "lazysnap")] is not None
+    fresh = "seq cached, files just written (page cache dropped)"
+    assert ratios[("read_path", fresh, "throughput", "lazysnap native dir")] is not None
     assert ratios[("metadata", "find -ls, second", "s", "lazysnap")] is not None
     assert ratios[("nonlazy", "pyslim @ unshaped", "exit_s", "lazysnap-gzip")] is not None
     by_metric = {(r["part"], r["metric"], r["variant"]): r["median"] for r in rows}
