@@ -54,8 +54,9 @@ class LayerFallback(RemoteRequired):
 class LayerHooks(Protocol):
     """Told about lazy layers (`profiles.ProfileService`, `native.NativeLayers`).
 
-    `preparing` runs in the trio thread when a layer starts being attached (before its
-    TOC is fetched, so that image-wide work can overlap that fetch) and must not block;
+    `preparing` runs in the trio thread when containerd prepares a lazy layer (before a
+    new layer's TOC is fetched, so that image-wide work can overlap that fetch; also for
+    a layer attached for another image) and must not block;
     `attached` runs in the trio thread right after a layer is attached (or restored) and
     must not block; `lowerdir(digest)` (any thread) may name another directory holding
     the same tree for new mounts, or None; `released(digest)` (any thread) comes after
@@ -367,12 +368,13 @@ class FuseRemoteLayers:
             layer = self._layers.get(source.layer_digest)
             if layer is not None and layer.blob is not None:
                 layer.refs += 1
-                return self._handle(layer)
-        for hook in self._hooks:
-            try:
-                hook.preparing(source)
-            except Exception:  # profiles are optimisations, never fatal
-                log.exception("layer %s: %s failed", source.layer_digest, type(hook).__name__)
+                handle = self._handle(layer)
+            else:
+                handle = None
+        self._tell_preparing(source)
+        if handle is not None:  # shared with an image pulled before: the image's other
+            self.tocs_ahead.seen(source, self._known)  # layers may be new all the same
+            return handle
         toc_digest = Digest.parse(source.toc_digest) if source.toc_digest else None
         unverified_ok = self._cfg.allow_no_verification and source.skip_verify
         ref = Reference.parse(source.image_ref)
@@ -462,6 +464,13 @@ class FuseRemoteLayers:
         self._tell_attached(layer.dir, layer.source, toc, blob)
         with self._lock:
             layer.blob, layer.error = blob, ""
+
+    def _tell_preparing(self, source: LayerSource) -> None:
+        for hook in self._hooks:
+            try:
+                hook.preparing(source)
+            except Exception:  # profiles are optimisations, never fatal
+                log.exception("layer %s: %s failed", source.layer_digest, type(hook).__name__)
 
     def _tell_attached(self, dir_: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
         for hook in self._hooks:

@@ -70,8 +70,9 @@ async def test_hooks_hear_of_attach_and_release_and_may_answer_the_lowerdir(tmp_
             one = await trio.to_thread.run_sync(bridge.prepare, "k1", "", labels)
             two = await trio.to_thread.run_sync(bridge.prepare, "k2", "", labels)
             assert one is not None and two is not None
-            # told once, with the TOC (root, etc, usr and two files), and once before
-            assert quiet.preparing_ == [layer.digest]
+            # told of each Prepare, and of the attach once, with the TOC (root, etc, usr
+            # and two files)
+            assert quiet.preparing_ == [layer.digest, layer.digest]
             assert quiet.attached_ == [(json.loads(one)["dir"], layer.digest, 5)]
             assert bridge.lowerdir(one) == "/somewhere/native"
             assert bridge.status()["layers"][0]["fake"] == layer.digest[:12]

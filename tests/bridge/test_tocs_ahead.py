@@ -108,3 +108,35 @@ async def test_a_toc_loaded_ahead_is_used_only_for_the_digest_the_layer_names(
                 nursery.cancel_scope.cancel()
         finally:
             await client.aclose()
+
+
+async def test_a_layer_shared_with_an_earlier_image_still_starts_the_loads(
+    tmp_path: Path,
+) -> None:
+    """The first layer is attached already (another image has it), so its Prepare does
+    no TOC work; the new image's other layers are loaded ahead all the same."""
+    fake = FakeRegistry()
+    first = push_estargz(fake, {"etc/a": b"a" * 1000})
+    second = push_estargz(fake, {"usr/b": b"b" * 2000})
+    _image(fake, [first, second], [first.toc_digest, second.toc_digest])
+    client = RegistryClient(hosts_dir=None, docker_config=tmp_path / "none.json",
+                            retry=FAST_RETRY, transport=fake.transport())
+    with ChunkCache(tmp_path / "cache", max_bytes=1 << 20) as cache:
+        bridge = FuseRemoteLayers(
+            Config(root=tmp_path / "root", fetch_timeout=5.0), repository=Repository(),
+            client=client, cache=cache, token=trio.lowlevel.current_trio_token(),
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(bridge.tocs_ahead.run)
+                base = layer_labels(first.digest, first.toc_digest, ref="registry.test/base:v1")
+                assert await trio.to_thread.run_sync(bridge.prepare, "b1", "", base)
+                await trio.testing.wait_all_tasks_blocked()  # base:v1 is no image here
+                assert _ranges(fake, second) == 0
+                assert await _prepare(bridge, "k1", first, first.toc_digest) is not None
+                with trio.fail_after(5):
+                    while _ranges(fake, second) < 2:
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        finally:
+            await client.aclose()
