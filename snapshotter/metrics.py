@@ -229,10 +229,11 @@ def watch_cache(source: Callable[[], _CacheStatistics] | None) -> None:
 # -- lazy layers, read at scrape time ----------------------------------------------------
 
 class LayerCollector(Collector):
-    """Per lazily attached layer: compressed bytes fetched by purpose and on-demand reads
-    that waited for the network, from rows as `lazysnap status` has them (a callable
-    returning dicts with `layer_digest`, `bytes_on_demand`, `bytes_prefetch`,
-    `bytes_background` and `demand_waits`; rows without them are skipped). One series set
+    """Per lazily attached layer: compressed bytes fetched by purpose, on-demand reads
+    that waited for the network and the range requests made for them, from rows as
+    `lazysnap status` has them (a callable returning dicts with `layer_digest`,
+    `bytes_on_demand`, `bytes_prefetch`, `bytes_background`, `demand_waits` and
+    `demand_fetches`; rows without `demand_waits` are skipped). One series set
     per attached layer, as stargz-snapshotter does: a node holds tens of layers, not
     millions."""
 
@@ -255,6 +256,9 @@ class LayerCollector(Collector):
         waits = CounterMetricFamily(
             "lazysnap_layer_demand_waits",
             "On-demand reads of one lazy layer that waited for the network", labels=["layer"])
+        requests = CounterMetricFamily(
+            "lazysnap_layer_demand_fetches",
+            "Range requests made for on-demand reads of one lazy layer", labels=["layer"])
         for row in source():
             if "demand_waits" not in row:
                 continue
@@ -263,8 +267,10 @@ class LayerCollector(Collector):
                                  ("background", "bytes_background")):
                 fetched.add_metric([layer, purpose], row[key])
             waits.add_metric([layer], row["demand_waits"])
+            requests.add_metric([layer], row.get("demand_fetches", 0))
         yield fetched
         yield waits
+        yield requests
 
 
 _LAYERS = LayerCollector()

@@ -259,7 +259,7 @@ def test_endpoint_on_a_busy_port_is_a_clear_error() -> None:
 def test_layers_are_reported_by_purpose_at_scrape_time() -> None:
     rows = [
         {"layer_digest": "sha256:aa", "bytes_on_demand": 5, "bytes_prefetch": 7,
-         "bytes_background": 11, "demand_waits": 2},
+         "bytes_background": 11, "demand_waits": 2, "demand_fetches": 1},
         {"layer_digest": "sha256:bb", "mode": "path"},  # not lazy: nothing to report
     ]
     metrics.watch_layers(lambda: rows)
@@ -276,6 +276,7 @@ def test_layers_are_reported_by_purpose_at_scrape_time() -> None:
         (fetched, (layer, ("purpose", "prefetch"))): 7,
         (fetched, (layer, ("purpose", "background"))): 11,
         ("lazysnap_layer_demand_waits_total", (layer,)): 2,
+        ("lazysnap_layer_demand_fetches_total", (layer,)): 1,
     }
     assert not any(s.name.startswith("lazysnap_layer_") for family in metrics.REGISTRY.collect()
                    for s in family.samples)
