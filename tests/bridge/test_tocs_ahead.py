@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,35 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
-def _image(fake: FakeRegistry, layers: list[Layer], tocs: list[str]) -> None:
+@contextlib.asynccontextmanager
+async def _image(tmp_path: Path) -> AsyncIterator[tuple[FakeRegistry, FuseRemoteLayers,
+                                                       list[Layer]]]:
+    """registry.test/app:v1, two eStargz layers, and a bridge whose loads ahead run."""
+    fake = FakeRegistry()
+    layers = [push_estargz(fake, {"etc/a": b"a" * 1000}),
+              push_estargz(fake, {"usr/b": b"b" * 2000, "usr/c": b"c"})]
     config = fake.add_blob(b"{}")
     fake.add_manifest("app", "v1", {
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                    "digest": config, "size": 2},
         "layers": [{"mediaType": OCI_LAYER, "digest": layer.digest, "size": layer.size,
-                    "annotations": {TOC_DIGEST: toc}}
-                   for layer, toc in zip(layers, tocs, strict=True)],
+                    "annotations": {TOC_DIGEST: layer.toc_digest}} for layer in layers],
     }, OCI_MANIFEST)  # fmt: skip
+    client = RegistryClient(hosts_dir=None, docker_config=tmp_path / "none.json",
+                            retry=FAST_RETRY, transport=fake.transport())
+    try:
+        with ChunkCache(tmp_path / "cache", max_bytes=1 << 20) as cache:
+            bridge = FuseRemoteLayers(
+                Config(root=tmp_path / "root", fetch_timeout=5.0), repository=Repository(),
+                client=client, cache=cache, token=trio.lowlevel.current_trio_token(),
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(bridge.tocs_ahead.run)
+                yield fake, bridge, layers
+                nursery.cancel_scope.cancel()
+    finally:
+        await client.aclose()
 
 
 def _ranges(fake: FakeRegistry, layer: Layer) -> int:
@@ -40,38 +61,28 @@ def _ranges(fake: FakeRegistry, layer: Layer) -> int:
                if s.method == "GET" and s.url.path.endswith(layer.digest) and "range" in s.headers)
 
 
-async def _prepare(bridge: FuseRemoteLayers, key: str, layer: Layer, toc: str) -> Any:
+async def _loaded_ahead(fake: FakeRegistry, layer: Layer) -> int:
+    """Wait for the footer and TOC requests of `layer`, unasked; how many were made."""
+    with trio.fail_after(5):
+        while _ranges(fake, layer) < 2:
+            await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()
+    return _ranges(fake, layer)
+
+
+async def _prepare(bridge: FuseRemoteLayers, key: str, layer: Layer, toc: str,
+                   ref: str = "registry.test/app:v1") -> Any:
     return await trio.to_thread.run_sync(
-        bridge.prepare, key, "", layer_labels(layer.digest, toc))
+        bridge.prepare, key, "", layer_labels(layer.digest, toc, ref=ref))
 
 
 async def test_later_layers_tocs_are_loaded_ahead_and_used_by_their_prepare(tmp_path: Path) -> None:
-    fake = FakeRegistry()
-    first = push_estargz(fake, {"etc/a": b"a" * 1000})
-    second = push_estargz(fake, {"usr/b": b"b" * 2000, "usr/c": b"c"})
-    _image(fake, [first, second], [first.toc_digest, second.toc_digest])
-    client = RegistryClient(hosts_dir=None, docker_config=tmp_path / "none.json",
-                            retry=FAST_RETRY, transport=fake.transport())
-    with ChunkCache(tmp_path / "cache", max_bytes=1 << 20) as cache:
-        bridge = FuseRemoteLayers(
-            Config(root=tmp_path / "root", fetch_timeout=5.0), repository=Repository(),
-            client=client, cache=cache, token=trio.lowlevel.current_trio_token(),
-        )
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(bridge.tocs_ahead.run)
-                assert await _prepare(bridge, "k1", first, first.toc_digest) is not None
-                with trio.fail_after(5):  # footer and TOC of the second layer, unasked
-                    while _ranges(fake, second) < 2:
-                        await trio.sleep(0.01)
-                await trio.testing.wait_all_tasks_blocked()
-                fetched = _ranges(fake, second)
-                handle = await _prepare(bridge, "k2", second, second.toc_digest)
-                assert handle is not None and json.loads(handle)["toc"] == second.toc_digest
-                assert _ranges(fake, second) == fetched  # Prepare used the TOC loaded ahead
-                nursery.cancel_scope.cancel()
-        finally:
-            await client.aclose()
+    async with _image(tmp_path) as (fake, bridge, (first, second)):
+        assert await _prepare(bridge, "k1", first, first.toc_digest) is not None
+        fetched = await _loaded_ahead(fake, second)
+        handle = await _prepare(bridge, "k2", second, second.toc_digest)
+        assert handle is not None and json.loads(handle)["toc"] == second.toc_digest
+        assert _ranges(fake, second) == fetched  # Prepare used the TOC loaded ahead
 
 
 @pytest.mark.allow_log_errors
@@ -81,33 +92,13 @@ async def test_a_toc_loaded_ahead_is_used_only_for_the_digest_the_layer_names(
     """The Prepare's label is the authority, not the manifest's annotation: a TOC loaded
     ahead (and verified against the annotation) is not served for a layer whose label
     names another TOC; that layer is then loaded as usual, here failing verification."""
-    fake = FakeRegistry()
-    first = push_estargz(fake, {"etc/a": b"a" * 1000})
-    second = push_estargz(fake, {"usr/b": b"b" * 2000})
-    other = push_estargz(fake, {"usr/x": b"x"})
-    _image(fake, [first, second], [first.toc_digest, second.toc_digest])
-    client = RegistryClient(hosts_dir=None, docker_config=tmp_path / "none.json",
-                            retry=FAST_RETRY, transport=fake.transport())
-    with ChunkCache(tmp_path / "cache", max_bytes=1 << 20) as cache:
-        bridge = FuseRemoteLayers(
-            Config(root=tmp_path / "root", fetch_timeout=5.0), repository=Repository(),
-            client=client, cache=cache, token=trio.lowlevel.current_trio_token(),
-        )
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(bridge.tocs_ahead.run)
-                assert await _prepare(bridge, "k1", first, first.toc_digest) is not None
-                with trio.fail_after(5):
-                    while _ranges(fake, second) < 2:
-                        await trio.sleep(0.01)
-                await trio.testing.wait_all_tasks_blocked()
-                before = _ranges(fake, second)
-                # The label names another TOC: not this layer's, so it cannot be served.
-                assert await _prepare(bridge, "k2", second, other.toc_digest) is None
-                assert _ranges(fake, second) > before  # loaded again, for the label's digest
-                nursery.cancel_scope.cancel()
-        finally:
-            await client.aclose()
+    async with _image(tmp_path) as (fake, bridge, (first, second)):
+        other = push_estargz(fake, {"usr/x": b"x"})
+        assert await _prepare(bridge, "k1", first, first.toc_digest) is not None
+        before = await _loaded_ahead(fake, second)
+        # The label names another TOC: not this layer's, so it cannot be served.
+        assert await _prepare(bridge, "k2", second, other.toc_digest) is None
+        assert _ranges(fake, second) > before  # loaded again, for the label's digest
 
 
 async def test_a_layer_shared_with_an_earlier_image_still_starts_the_loads(
@@ -115,28 +106,10 @@ async def test_a_layer_shared_with_an_earlier_image_still_starts_the_loads(
 ) -> None:
     """The first layer is attached already (another image has it), so its Prepare does
     no TOC work; the new image's other layers are loaded ahead all the same."""
-    fake = FakeRegistry()
-    first = push_estargz(fake, {"etc/a": b"a" * 1000})
-    second = push_estargz(fake, {"usr/b": b"b" * 2000})
-    _image(fake, [first, second], [first.toc_digest, second.toc_digest])
-    client = RegistryClient(hosts_dir=None, docker_config=tmp_path / "none.json",
-                            retry=FAST_RETRY, transport=fake.transport())
-    with ChunkCache(tmp_path / "cache", max_bytes=1 << 20) as cache:
-        bridge = FuseRemoteLayers(
-            Config(root=tmp_path / "root", fetch_timeout=5.0), repository=Repository(),
-            client=client, cache=cache, token=trio.lowlevel.current_trio_token(),
-        )
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(bridge.tocs_ahead.run)
-                base = layer_labels(first.digest, first.toc_digest, ref="registry.test/base:v1")
-                assert await trio.to_thread.run_sync(bridge.prepare, "b1", "", base)
-                await trio.testing.wait_all_tasks_blocked()  # base:v1 is no image here
-                assert _ranges(fake, second) == 0
-                assert await _prepare(bridge, "k1", first, first.toc_digest) is not None
-                with trio.fail_after(5):
-                    while _ranges(fake, second) < 2:
-                        await trio.sleep(0.01)
-                nursery.cancel_scope.cancel()
-        finally:
-            await client.aclose()
+    async with _image(tmp_path) as (fake, bridge, (first, second)):
+        base = "registry.test/base:v1"  # no such image here: nothing to load ahead
+        assert await _prepare(bridge, "b1", first, first.toc_digest, ref=base) is not None
+        await trio.testing.wait_all_tasks_blocked()
+        assert _ranges(fake, second) == 0
+        assert await _prepare(bridge, "k1", first, first.toc_digest) is not None
+        await _loaded_ahead(fake, second)
