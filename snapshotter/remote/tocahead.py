@@ -96,11 +96,15 @@ class TocsAhead(TaskHost):
         except LazysnapError as exc:
             log.info("image %s: later layers' TOCs not loaded ahead (%s)", source.image_ref, exc)
             return
+        started = 0
         for layer in manifest.layers:
             digest, toc_digest = str(layer.digest), layer.annotations.get(TOC_DIGEST, "")
             if (not toc_digest or digest == source.layer_digest or digest in self._loads
                     or skip(digest)):  # fmt: skip
                 continue
+            if started == _KEEP:  # a manifest of hundreds of layers: the rest load on Prepare
+                break
+            started += 1
             other = LayerSource(image_ref=source.image_ref, layer_digest=digest,
                                 toc_digest=toc_digest, manifest_digest=str(manifest.digest))
             load = self._loads[digest] = _Load(toc_digest, layer.size)

@@ -18,6 +18,7 @@ from snapshotter.config import Config
 from snapshotter.fs.repository import Repository
 from snapshotter.labels import TOC_DIGEST
 from snapshotter.registry.client import RegistryClient
+from snapshotter.remote import tocahead
 from tests.bridge.bridge_bench import FAST_RETRY, Layer, layer_labels, push_estargz
 from tests.registry.fakeregistry import FakeRegistry
 
@@ -25,13 +26,8 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
-@contextlib.asynccontextmanager
-async def _image(tmp_path: Path) -> AsyncIterator[tuple[FakeRegistry, FuseRemoteLayers,
-                                                       list[Layer]]]:
-    """registry.test/app:v1, two eStargz layers, and a bridge whose loads ahead run."""
-    fake = FakeRegistry()
-    layers = [push_estargz(fake, {"etc/a": b"a" * 1000}),
-              push_estargz(fake, {"usr/b": b"b" * 2000, "usr/c": b"c"})]
+def _manifest(fake: FakeRegistry, layers: list[Layer]) -> None:
+    """registry.test/app:v1 of `layers`, each annotated with its TOC digest."""
     config = fake.add_blob(b"{}")
     fake.add_manifest("app", "v1", {
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
@@ -40,6 +36,11 @@ async def _image(tmp_path: Path) -> AsyncIterator[tuple[FakeRegistry, FuseRemote
         "layers": [{"mediaType": OCI_LAYER, "digest": layer.digest, "size": layer.size,
                     "annotations": {TOC_DIGEST: layer.toc_digest}} for layer in layers],
     }, OCI_MANIFEST)  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def _bridge(tmp_path: Path, fake: FakeRegistry) -> AsyncIterator[FuseRemoteLayers]:
+    """A bridge over `fake` whose loads ahead run."""
     client = RegistryClient(hosts_dir=None, docker_config=tmp_path / "none.json",
                             retry=FAST_RETRY, transport=fake.transport())
     try:
@@ -50,10 +51,22 @@ async def _image(tmp_path: Path) -> AsyncIterator[tuple[FakeRegistry, FuseRemote
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(bridge.tocs_ahead.run)
-                yield fake, bridge, layers
+                yield bridge
                 nursery.cancel_scope.cancel()
     finally:
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _image(tmp_path: Path) -> AsyncIterator[tuple[FakeRegistry, FuseRemoteLayers,
+                                                       list[Layer]]]:
+    """Two eStargz layers in registry.test/app:v1, and a bridge whose loads ahead run."""
+    fake = FakeRegistry()
+    layers = [push_estargz(fake, {"etc/a": b"a" * 1000}),
+              push_estargz(fake, {"usr/b": b"b" * 2000, "usr/c": b"c"})]
+    _manifest(fake, layers)
+    async with _bridge(tmp_path, fake) as bridge:
+        yield fake, bridge, layers
 
 
 def _ranges(fake: FakeRegistry, layer: Layer) -> int:
@@ -113,3 +126,19 @@ async def test_a_layer_shared_with_an_earlier_image_still_starts_the_loads(
         assert _ranges(fake, second) == 0
         assert await _prepare(bridge, "k1", first, first.toc_digest) is not None
         await _loaded_ahead(fake, second)
+
+
+async def test_an_image_of_many_layers_loads_a_bounded_number_ahead(tmp_path: Path) -> None:
+    """A manifest may list hundreds of layers: at most a bounded number of TOCs are
+    loaded ahead (and held); the others are loaded by their own Prepare."""
+    fake = FakeRegistry()
+    layers = [push_estargz(fake, {f"f{i}": bytes([i]) * 100}) for i in range(tocahead._KEEP + 3)]
+    _manifest(fake, layers)
+    async with _bridge(tmp_path, fake) as bridge:
+        assert await _prepare(bridge, "k0", layers[0], layers[0].toc_digest) is not None
+        for layer in layers[1 : 1 + tocahead._KEEP]:
+            await _loaded_ahead(fake, layer)
+        await trio.sleep(0.2)
+        assert [layer for layer in layers if _ranges(fake, layer)] == layers[: 1 + tocahead._KEEP]
+        late = layers[-1]
+        assert await _prepare(bridge, "k9", late, late.toc_digest) is not None
