@@ -215,7 +215,6 @@ class RemoteBlob:
         *,
         purpose: Purpose = "demand",
         along: Sequence[Chunk] = (),
-        gap: int = 0,
     ) -> list[bytes]:
         """The verified bytes of each chunk, in order; missing neighbours share one request.
 
@@ -230,10 +229,6 @@ class RemoteBlob:
         them up to the first one that is cached or being fetched already (so no byte is
         fetched twice); they are verified and cached, not returned, and one that fails
         only costs a log line.
-
-        `gap`: chunks whose extents are at most this many bytes apart share a request too
-        (the bytes between are fetched and dropped). For a prefetch of scattered chunks a
-        request costs a round trip and ~2 ms of the daemon's CPU, more than a few KiB.
         """
         unique: dict[str, Chunk] = {}
         for chunk in chunks:
@@ -243,7 +238,7 @@ class RemoteBlob:
         # Plan ranges only for chunks not already stored; in-flight ones are joined by
         # get_or_fetch without calling our fetch, so planning them costs nothing.
         missing = [c for t, c in unique.items() if digests[t] not in self.cache]
-        planned = _plan(missing, self, purpose, gap)
+        planned = _plan(missing, self, purpose)
         extra = self._extend(planned[-1], along, unique) if planned and along else []
         ranges = {c.digest: r for r in planned for c in r.chunks}
 
@@ -412,17 +407,14 @@ def _extract(member: bytes, *, chunk: Chunk, name: str) -> bytes:
         ) from exc
 
 
-def _plan(
-    chunks: list[Chunk], blob: RemoteBlob, purpose: Purpose, gap: int = 0
-) -> list[_SharedRange]:
-    """Group chunks into as few ranges as possible: touching extents merge, and extents
-    at most `gap` bytes apart."""
+def _plan(chunks: list[Chunk], blob: RemoteBlob, purpose: Purpose) -> list[_SharedRange]:
+    """Group chunks into as few ranges as possible: touching extents merge."""
     ranges: list[_SharedRange] = []
     for chunk in sorted(chunks, key=lambda c: (c.offset, c.end)):
         last = ranges[-1] if ranges else None
         if (
             last is not None
-            and chunk.offset <= last.end + gap
+            and chunk.offset <= last.end
             and max(last.end, chunk.end) - last.start <= COALESCE_LIMIT
         ):
             last.end = max(last.end, chunk.end)

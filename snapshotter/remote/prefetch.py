@@ -30,11 +30,6 @@ __all__ = [
 ]
 
 BACKGROUND_BATCH = 4 << 20  # small enough that a waiting reader is never far behind
-# Wanted chunks at most this far apart in the blob are fetched in one request, the bytes
-# between dropped: a learned profile's chunks are scattered (a package's startup files
-# between its tests and data), and at 100 Mbit/s and 20 ms one round trip is worth 250 KB.
-# Measured on pystack's profile: 299 requests become 144 for 9 % more bytes.
-PREFETCH_GAP = 64 << 10
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +87,7 @@ async def prefetch(blob: RemoteBlob, plan: PrefetchPlan, *, parallel: int = 4) -
     """Fetch `plan` into the cache, `parallel` requests at a time, in the plan's order.
 
     Consecutive chunks of the plan are batched so that each batch is one coalesced range
-    request (when they are adjacent in the blob, or at most PREFETCH_GAP bytes apart),
-    each bounded by the blob's fetch
+    request (when they are adjacent in the blob), each bounded by the blob's fetch
     timeout on its own. A plan in first-access order (a learned profile) keeps its order.
     A prefetch is an optimisation: a failed batch is logged and left for on-demand reads,
     never raised.
@@ -117,7 +111,7 @@ async def prefetch_steps(
     async def run(blob: RemoteBlob, batch: list[Chunk]) -> None:
         async with limiter:
             try:
-                await blob.read_chunks(batch, purpose="prefetch", gap=PREFETCH_GAP)
+                await blob.read_chunks(batch, purpose="prefetch")
             except LazysnapError as exc:
                 failed[blob] += len(batch)
                 log.warning("%s: prefetch of %d chunks failed: %s", blob.name, len(batch), exc)

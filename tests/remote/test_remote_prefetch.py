@@ -11,7 +11,6 @@ import trio.testing
 from remote_fakes import layout, pieces
 
 from snapshotter.cache.chunks import ChunkCache
-from snapshotter.digest import Digest
 from snapshotter.errors import Unavailable
 from snapshotter.format.toc import Chunk, Entry, Toc
 from snapshotter.remote import blob as blob_module
@@ -244,20 +243,3 @@ async def test_a_read_that_joins_a_prefetch_waits_without_a_request_of_its_own(
     await blob.read_chunk(chunks[3])
     st = blob.statistics()
     assert (st.demand_waits, st.demand_fetches, len(source.calls)) == (2, 1, 2)
-
-
-async def test_a_prefetch_bridges_small_gaps_between_wanted_chunks(six, cache, fake_source) -> None:
-    """Chunks 0, 2 and 4 (1 and 3 not wanted): one request across the gaps for a
-    prefetch, whose bytes between are dropped; a plain read asks for each."""
-    data, chunks, _toc6 = six
-    source = fake_source(data)
-    blob = RemoteBlob(source, cache, blob_size=len(data))
-    wanted = [chunks[0], chunks[2], chunks[4]]
-    got = await blob.read_chunks(wanted, purpose="prefetch", gap=len(data))
-    assert source.calls == [(chunks[0].offset, chunks[4].end)]
-    assert [Digest.of(g) for g in got] == [Digest.parse(c.digest) for c in wanted]
-    assert all(Digest.parse(c.digest) not in cache for c in (chunks[1], chunks[3]))
-    plain = fake_source(data)
-    with ChunkCache(cache.root.parent / "other", max_bytes=64 << 20) as other:
-        await RemoteBlob(plain, other, blob_size=len(data)).read_chunks(wanted, purpose="prefetch")
-    assert len(plain.calls) == 3
