@@ -329,13 +329,18 @@ class FuseRemoteLayers:
     def _find_in_roots(self, layer_digest: str) -> Path | None:
         return find_in_roots(self._cfg.repository_roots, layer_digest)
 
-    async def _load_toc(self, source: LayerSource, size: int) -> Toc:
-        """A layer's verified TOC, for `tocs_ahead` (what an attach would load)."""
+    async def _load_toc(
+        self, source: LayerSource, size: int, *, allow_unverified: bool = False
+    ) -> Toc:
+        """A layer's TOC, verified against its label's digest (unverified only when
+        `allow_unverified` and the label has none) and kept in the TOC store: for an
+        attach, a restore and `tocs_ahead` alike."""
         return await load_toc(
-            self._fetcher(source), blob_size=size, toc_digest=Digest.parse(source.toc_digest),
+            self._fetcher(source), blob_size=size,
+            toc_digest=Digest.parse(source.toc_digest) if source.toc_digest else None,
             max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
-            timeout=self._cfg.fetch_timeout, name=f"layer {source.layer_digest}",
-            toc_store=self._tocs,
+            allow_unverified=allow_unverified, timeout=self._cfg.fetch_timeout,
+            name=f"layer {source.layer_digest}", toc_store=self._tocs,
         )
 
     def _known(self, layer_digest: str) -> bool:
@@ -375,20 +380,14 @@ class FuseRemoteLayers:
         if handle is not None:  # shared with an image pulled before: the image's other
             self.tocs_ahead.seen(source, self._known)  # layers may be new all the same
             return handle
-        toc_digest = Digest.parse(source.toc_digest) if source.toc_digest else None
         unverified_ok = self._cfg.allow_no_verification and source.skip_verify
         ref = Reference.parse(source.image_ref)
         digest = Digest.parse(source.layer_digest)
         size = await self._client.blob_size(ref, digest)
         fetch = self._fetcher(source)
-        toc = await self.tocs_ahead.take(source, size) if toc_digest is not None else None
+        toc = await self.tocs_ahead.take(source, size) if source.toc_digest else None
         if toc is None:
-            toc = await load_toc(
-                fetch, blob_size=size, toc_digest=toc_digest,
-                max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
-                allow_unverified=unverified_ok, timeout=self._cfg.fetch_timeout,
-                name=f"layer {digest}", toc_store=self._tocs,
-            )
+            toc = await self._load_toc(source, size, allow_unverified=unverified_ok)
         self.tocs_ahead.seen(source, self._known)
         with self._lock:
             layer = self._layers.get(source.layer_digest)
@@ -447,13 +446,8 @@ class FuseRemoteLayers:
             return
         try:
             if toc is None:  # fetched, and stored so that the next start needs no network
-                toc = await load_toc(
-                    fetch, blob_size=h["size"],
-                    toc_digest=Digest.parse(source.toc_digest) if source.toc_digest else None,
-                    max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
-                    allow_unverified=not source.toc_digest, timeout=self._cfg.fetch_timeout,
-                    name=f"layer {h['digest']}", toc_store=self._tocs,
-                )
+                toc = await self._load_toc(
+                    source, h["size"], allow_unverified=not source.toc_digest)
         except errors.LazysnapError as exc:
             layer.error = str(exc)
             raise errors.Unavailable(f"layer {h['digest']}: cannot restore: {exc}") from exc
@@ -466,16 +460,15 @@ class FuseRemoteLayers:
             layer.blob, layer.error = blob, ""
 
     def _tell_preparing(self, source: LayerSource) -> None:
-        for hook in self._hooks:
-            try:
-                hook.preparing(source)
-            except Exception:  # profiles are optimisations, never fatal
-                log.exception("layer %s: %s failed", source.layer_digest, type(hook).__name__)
+        self._tell(source, lambda hook: hook.preparing(source))
 
     def _tell_attached(self, dir_: str, source: LayerSource, toc: Toc, blob: RemoteBlob) -> None:
+        self._tell(source, lambda hook: hook.attached(dir_, source, toc, blob))
+
+    def _tell(self, source: LayerSource, call: Callable[[LayerHooks], None]) -> None:
         for hook in self._hooks:
             try:
-                hook.attached(dir_, source, toc, blob)
+                call(hook)
             except Exception:  # profiles and native dirs are optimisations, never fatal
                 log.exception("layer %s: %s failed", source.layer_digest, type(hook).__name__)
 
