@@ -33,6 +33,7 @@ from snapshotter.fs.mount import run_repository
 from snapshotter.fs.repository import Repository
 from snapshotter.profiles import start_layer_hooks
 from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.tls import ssl_context
 from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.warm import HostPool
 from snapshotter.service.server import SnapshotServer
@@ -105,6 +106,7 @@ async def _serve(cfg: Config) -> None:
         timeout=cfg.fetch_timeout,
         extra_credentials=store,
     )
+    ssl_context(None)  # the CA bundle, parsed now rather than in the first lazy Prepare
     server: SnapshotServer | None = None
     proxy: ImageServiceProxy | None = None
     sn: Snapshotter | None = None

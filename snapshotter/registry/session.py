@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+# httpx imports httpcore when its first client is made: ~0.1 s that would otherwise
+# land in the daemon's first lazy Prepare.
+import httpcore  # noqa: F401
 import httpx
 
 from snapshotter.digest import Digest

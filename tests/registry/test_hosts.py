@@ -111,3 +111,19 @@ def test_invalid_files_are_invalid_argument(tmp_path: Path, text: str) -> None:
     write(tmp_path, "reg.example", text)
     with pytest.raises(InvalidArgument, match=r"reg\.example"):
         load_endpoints(tmp_path, "reg.example")
+
+
+def test_endpoints_without_tls_settings_share_one_verifying_context(tmp_path: Path) -> None:
+    import ssl
+
+    from snapshotter.registry.tls import ssl_context
+
+    write(tmp_path, "r.example", '[host."https://m.example"]\n  skip_verify = true\n')
+    mirror, server = load_endpoints(tmp_path, "r.example")
+    plain = load_endpoints(tmp_path, "other.example")[0]
+    shared = ssl_context(None)
+    assert ssl_context(server) is shared and ssl_context(plain) is shared
+    lax = ssl_context(mirror)
+    # skip_verify gets a context of its own: the shared one must keep verifying.
+    assert lax is not shared and lax.verify_mode == ssl.CERT_NONE
+    assert shared.verify_mode == ssl.CERT_REQUIRED and shared.check_hostname
