@@ -37,6 +37,7 @@ from snapshotter.registry.reference import Reference
 from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.layer import TocDigestMissing, load_toc
 from snapshotter.remote.tocahead import TocsAhead
+from snapshotter.remote.tocparse import TocParser
 from snapshotter.remote.tocstore import TocStore
 from snapshotter.remote.warm import HostPool, Warmer, WarmHooks, WarmPolicy
 
@@ -165,6 +166,8 @@ class FuseRemoteLayers:
         self._token = token
         self._mountpoint = cfg.root / "repo"
         self._tocs = TocStore(cfg.root / "tocs")
+        # TOCs are parsed in a worker process (the daemon runs `toc_parser.run`).
+        self.toc_parser = TocParser()
         # The TOCs of an image's later layers, loaded once its first layer is prepared
         # (the daemon runs `tocs_ahead.run`).
         self.tocs_ahead = TocsAhead(client, self._load_toc)
@@ -340,7 +343,7 @@ class FuseRemoteLayers:
             toc_digest=Digest.parse(source.toc_digest) if source.toc_digest else None,
             max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
             allow_unverified=allow_unverified, timeout=self._cfg.fetch_timeout,
-            name=f"layer {source.layer_digest}", toc_store=self._tocs,
+            name=f"layer {source.layer_digest}", toc_store=self._tocs, parser=self.toc_parser,
         )
 
     def _known(self, layer_digest: str) -> bool:

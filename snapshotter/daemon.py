@@ -150,6 +150,7 @@ async def _serve(cfg: Config) -> None:
                     # Before restore: restored layers resume their background fetch.
                     await nursery.start(remote.warmer.run)
                     await nursery.start(remote.tocs_ahead.run)
+                    await nursery.start(remote.toc_parser.run)
                     metrics.watch_layers(
                         partial(_layer_rows, remote, trio.lowlevel.current_trio_token()))
                 # In a worker thread: recovery restores remote layers through the bridge,

@@ -28,6 +28,7 @@ from snapshotter.remote.blob import (
     RemoteBlob,
     ShortRead,
 )
+from snapshotter.remote.tocparse import TocParser
 from snapshotter.remote.tocstore import TocStore
 
 __all__ = [
@@ -78,6 +79,7 @@ async def load_toc(
     timeout: float = 30.0,
     name: str = "layer",
     toc_store: TocStore | None = None,
+    parser: TocParser | None = None,
 ) -> Toc:
     """The validated TOC of the eStargz blob behind `fetch_range`.
 
@@ -90,7 +92,8 @@ async def load_toc(
 
     To keep the TOC for restarts, pass `toc_store`: a verified TOC's member (as fetched,
     gzip, a fraction of the JSON) is written there and parsed back from the file, so
-    the daemon does not hold it during the parse; nothing is kept if it fails.
+    the daemon does not hold it during the parse; nothing is kept if it fails. With a
+    `parser` too, the parse runs in its worker process (tocparse.py).
     """
     if toc_digest is None and not allow_unverified:
         raise TocDigestMissing(f"{name}: no toc digest; refusing to serve an unverified layer")
@@ -112,8 +115,14 @@ async def load_toc(
     except trio.TooSlowError:
         raise TocFetchTimeout(f"{name}: toc not fetched within {timeout}s") from None
 
-    held = [member]  # only here, so that `toc_store.add` can let go of it
+    held = [member]  # only here, so that the store can let go of it
     del member
+    what = f"{name}: toc"
+    if toc_store is not None and toc_digest is not None and parser is not None:
+        return await parser.add(
+            toc_store, toc_digest, held.pop(), toc_offset, blob_size=blob_size,
+            max_size=max_toc_size, max_entries=max_entries, what=what,
+        )  # fmt: skip
 
     def decode() -> Toc:
         # Streamed from the compressed member: holding the inflated JSON and the parse
@@ -121,11 +130,11 @@ async def load_toc(
         if toc_store is not None and toc_digest is not None:
             return toc_store.add(
                 toc_digest, held.pop(), toc_offset, blob_size=blob_size,
-                max_size=max_toc_size, max_entries=max_entries, what=f"{name}: toc",
+                max_size=max_toc_size, max_entries=max_entries, what=what,
             )  # fmt: skip
         return parse_toc_member(
             held.pop(), toc_digest=toc_digest, blob_size=blob_size, toc_offset=toc_offset,
-            max_size=max_toc_size, max_entries=max_entries, what=f"{name}: toc",
+            max_size=max_toc_size, max_entries=max_entries, what=what,
         )  # fmt: skip
 
     # Inflating, hashing and parsing a large TOC takes long enough to stall FUSE.

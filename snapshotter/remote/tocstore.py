@@ -11,14 +11,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from snapshotter.digest import Digest
 from snapshotter.errors import LazysnapError
 from snapshotter.format.estargz import parse_toc, parse_toc_member
 from snapshotter.format.toc import Toc
 
-__all__ = ["MAX_STORED_TOC_SIZE", "TocStore"]
+__all__ = ["MAX_STORED_TOC_SIZE", "TocStore", "parse_staged"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 MAX_STORED_TOC_SIZE = 1 << 30
 _GZIP_MAGIC = b"\x1f\x8b"
 _STALE_TMP = 3600.0  # seconds: no add takes that long
+
+
+def parse_staged(path: Path, **kwargs: Any) -> Toc:
+    """`parse_toc_member` of a member staged by `TocStore.stage` (after its offset line)."""
+    with open(path, "rb") as f:
+        f.readline()
+        return parse_toc_member(f, **kwargs)
 
 
 class TocStore:
@@ -66,24 +73,23 @@ class TocStore:
         The member is written first and parsed from the file, so that the caller can let
         go of it: holding it through the parse would add its size (~50 bytes per entry)
         to the daemon's peak. Errors are `parse_toc_member`'s; nothing is kept then.
+        (`TocParser.add` does the same with the parse in its worker process.)
         """
-        tmp = self._write(member, toc_offset)
+        staged = self.stage(member, toc_offset)
         del member  # the caller's was its last other reference
         try:
-            with open(tmp, "rb") as f:
-                f.readline()
-                toc = parse_toc_member(
-                    f, toc_digest=digest, blob_size=blob_size, toc_offset=toc_offset,
-                    max_size=max_size, max_entries=max_entries, what=what,
-                )  # fmt: skip
-            os.replace(tmp, self._path(digest))
+            toc = parse_staged(staged, toc_digest=digest, blob_size=blob_size,
+                               toc_offset=toc_offset, max_size=max_size,
+                               max_entries=max_entries, what=what)  # fmt: skip
+            self.keep(staged, digest)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            self.discard(staged)
             raise
         return toc
 
-    def _write(self, member: bytes, toc_offset: int) -> Path:
-        """A synced temp file in the store holding the offset line and `member`."""
+    def stage(self, member: bytes, toc_offset: int) -> Path:
+        """A synced temp file in the store holding the offset line and `member`, to be
+        parsed (`parse_staged`), then kept or discarded."""
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
         try:
@@ -96,6 +102,14 @@ class TocStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return Path(tmp)
+
+    def keep(self, staged: Path, digest: Digest) -> None:
+        """File a staged member whose parse verified it against `digest`."""
+        os.replace(staged, self._path(digest))
+
+    @staticmethod
+    def discard(staged: Path) -> None:
+        staged.unlink(missing_ok=True)
 
     def load(
         self,

@@ -1,0 +1,63 @@
+"""The TOC parser's worker process (see tocparse.py).
+
+Requests arrive on stdin, one at a time, as length-prefixed pickles of
+`(staged_member_path, result_path, parse_kwargs)`; for each, the worker parses the staged
+TOC member, pickles the `Toc` to `result_path` and answers on stdout with
+`("ok", None)`, `("error", exception)` or `("failed", text)` (an error it cannot send, the
+daemon then parses the member itself to raise it). It exits when stdin closes.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import sys
+from pathlib import Path
+from typing import BinaryIO
+
+from snapshotter.remote.tocstore import parse_staged
+
+HEADER = struct.Struct("!I")
+
+
+def read_frame(stream: BinaryIO) -> bytes | None:
+    """One frame's payload, or None at a clean end of stream."""
+    head = stream.read(HEADER.size)
+    if len(head) < HEADER.size:
+        return None
+    (size,) = HEADER.unpack(head)
+    payload = stream.read(size)
+    if len(payload) < size:
+        return None
+    return payload
+
+
+def frame(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload)) + payload
+
+
+def answer(staged: str, result: str, kwargs: dict[str, object]) -> bytes:
+    try:
+        toc = parse_staged(Path(staged), **kwargs)  # type: ignore[arg-type]
+        with open(result, "wb") as f:
+            pickle.dump(toc, f, protocol=pickle.HIGHEST_PROTOCOL)
+        reply: tuple[str, object] = ("ok", None)
+    except Exception as exc:
+        reply = ("error", exc)
+    try:
+        return pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return pickle.dumps(("failed", repr(reply[1])), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def main() -> int:
+    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing but frames may reach the daemon's pipe
+    while (request := read_frame(requests)) is not None:
+        answers.write(frame(answer(*pickle.loads(request))))
+        answers.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""TOCs parsed in a worker process beside the daemon, not on the daemon's own core.
+
+Parsing a TOC is pure Python: ~0.9 s for the 30,000 entries of a numpy/scipy/pandas layer
+on the bench's VM. Inside the daemon that time holds the GIL the prefetch needs at the same
+moment (a profile's chunks arrive while the next layer's TOC is parsed), and both slow
+down: that parse took 1.5-2 s during a cold start, on the pull's critical path. A worker
+process parses on the machine's other core instead. It reads the member the TOC store has
+staged and writes the `Toc` pickled beside it (flat arrays: 3 ms to load for 30,000
+entries); the daemon loads that file, so it never holds the member, a pickle and the Toc
+at once.
+
+The worker is an optimisation, never a dependency: while it is busy, not running or
+failing, the parse runs in a daemon thread as it did before. Errors are the parser's own
+(InvalidTOC, DataLoss, ...), raised here exactly as an in-thread parse raises them.
+
+    parser = TocParser()
+    await nursery.start(parser.run)           # one worker, restarted if it dies
+    toc = await parser.add(store, digest, member, toc_offset, blob_size=n, ...)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import snapshotter
+from snapshotter.digest import Digest
+from snapshotter.format.toc import Toc
+from snapshotter.remote._tocworker import HEADER, frame
+from snapshotter.remote.tocstore import TocStore, parse_staged
+
+__all__ = ["TocParser"]
+
+log = logging.getLogger(__name__)
+
+_WORKER = (sys.executable, "-m", "snapshotter.remote._tocworker")
+_RESTART_DELAY = 1.0  # seconds after a worker died on its own
+_MAX_DEATHS = 5  # in a row, without a parse between: then parse in the daemon for good
+
+
+class TocParser:
+    def __init__(self) -> None:
+        self._proc: trio.Process | None = None
+        self._busy = False
+        self._deaths = 0
+        self.parsed_in_worker = 0  # for tests and status: how many parses went there
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:  # fmt: skip
+        """Keep one worker running until cancelled (it is killed then). Started once the
+        first worker is, or could not be."""
+        started = False
+        while self._deaths < _MAX_DEATHS:
+            try:
+                proc = await trio.lowlevel.open_process(
+                    _WORKER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_worker_env()
+                )
+            except OSError as exc:
+                log.warning("toc parser: cannot start a worker (%s); parsing in the daemon", exc)
+                break
+            self._proc = proc
+            if not started:
+                task_status.started()
+                started = True
+            try:
+                await proc.wait()
+            finally:
+                self._proc = None
+                with trio.CancelScope(shield=True):
+                    proc.kill()
+                    await proc.wait()
+            if proc.returncode != -signal.SIGKILL:  # not killed by `_parse`
+                self._deaths += 1
+                log.warning("toc parser: worker exited with %s; starting another",
+                            proc.returncode)  # fmt: skip
+                await trio.sleep(_RESTART_DELAY)
+        else:
+            log.warning("toc parser: worker failed %d times in a row; parsing in the daemon",
+                        _MAX_DEATHS)  # fmt: skip
+        if not started:
+            task_status.started()
+
+    async def add(
+        self, store: TocStore, digest: Digest, member: bytes, toc_offset: int, **kwargs: Any
+    ) -> Toc:
+        """`store.add(digest, member, toc_offset, **kwargs)` with the parse in the worker.
+
+        `member` should be the caller's last reference: it is dropped once staged."""
+        staged = await trio.to_thread.run_sync(store.stage, member, toc_offset)
+        del member
+        kwargs["toc_digest"], kwargs["toc_offset"] = digest, toc_offset
+        try:
+            toc = await self._parse(staged, kwargs)
+            store.keep(staged, digest)
+        except BaseException:
+            store.discard(staged)
+            raise
+        return toc
+
+    async def _parse(self, staged: Path, kwargs: dict[str, Any]) -> Toc:
+        proc = self._proc
+        if proc is None or self._busy:
+            return await trio.to_thread.run_sync(partial(parse_staged, staged, **kwargs))
+        assert proc.stdin is not None and proc.stdout is not None
+        self._busy = True
+        result = staged.with_name(staged.name + ".toc")
+        try:
+            try:
+                await proc.stdin.send_all(frame(pickle.dumps((str(staged), str(result), kwargs))))
+                status, detail = pickle.loads(await _receive_frame(proc.stdout))
+            except BaseException as exc:
+                proc.kill()  # its late answer must not reach the next request
+                if not isinstance(exc, Exception):
+                    raise  # cancelled
+                log.warning("toc parser: worker failed (%s); parsing in the daemon", exc)
+                status, detail = "failed", str(exc)
+            if status == "error":
+                raise detail
+            if status != "ok":
+                return await trio.to_thread.run_sync(partial(parse_staged, staged, **kwargs))
+            self._deaths = 0
+            self.parsed_in_worker += 1
+            return await trio.to_thread.run_sync(_load, result)
+        finally:
+            self._busy = False
+            result.unlink(missing_ok=True)
+
+
+def _load(path: Path) -> Toc:
+    with open(path, "rb") as f:  # streamed: only one of the Toc's arrays is copied at a time
+        toc = pickle.load(f)
+    if not isinstance(toc, Toc):
+        raise TypeError(f"toc parser: {path} holds a {type(toc).__name__}, not a Toc")
+    return toc
+
+
+async def _receive_frame(stream: trio.abc.ReceiveStream) -> bytes:
+    (size,) = HEADER.unpack(await _receive_exactly(stream, HEADER.size))
+    return await _receive_exactly(stream, size)
+
+
+async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        piece = await stream.receive_some(n - len(buf))
+        if not piece:
+            raise EOFError("toc parser: worker closed its output")
+        buf += piece
+    return bytes(buf)
+
+
+def _worker_env() -> dict[str, str]:
+    """The daemon's environment, with this package importable whatever the cwd."""
+    env = dict(os.environ)
+    here = str(Path(snapshotter.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    return env

@@ -1,0 +1,162 @@
+"""TocParser: TOCs parsed in a real worker process give what an in-daemon parse gives,
+errors included, and a worker that is busy, killed or cancelled costs nothing but time."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import signal
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+from remote_fakes import CHUNK, FILES
+from remote_fakes import layer_tar as _tar
+
+from snapshotter.digest import Digest
+from snapshotter.errors import DataLoss
+from snapshotter.format.build import build_estargz
+from snapshotter.format.estargz import InvalidTOC, parse_footer
+from snapshotter.remote.tocparse import TocParser
+from snapshotter.remote.tocstore import TocStore
+
+
+@pytest.fixture(scope="module")
+def layer() -> tuple[bytes, int, bytes, Digest]:
+    """(blob, toc_offset, toc member, toc digest) of a small eStargz layer."""
+    out = io.BytesIO()
+    result = build_estargz(io.BytesIO(_tar(FILES)), out, chunk_size=CHUNK)
+    blob = out.getvalue()
+    toc_offset, footer = parse_footer(blob[-51:], blob_size=len(blob))
+    return blob, toc_offset, blob[toc_offset : len(blob) - footer], result.toc_digest
+
+
+@pytest.fixture
+async def parser() -> AsyncIterator[TocParser]:
+    p = TocParser()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(p.run)
+        yield p
+        nursery.cancel_scope.cancel()
+    assert p._proc is None  # killed with its nursery
+
+
+async def _add(parser: TocParser, store: TocStore, layer, member=None, digest=None):  # type: ignore[no-untyped-def]
+    blob, toc_offset, good, toc_digest = layer
+    return await parser.add(store, digest or toc_digest, good if member is None else member,
+                            toc_offset, blob_size=len(blob), max_size=1 << 20,
+                            max_entries=1000)  # fmt: skip
+
+
+def _in_daemon(layer, tmp_path: Path):  # type: ignore[no-untyped-def]
+    blob, toc_offset, member, toc_digest = layer
+    return TocStore(tmp_path / "thread").add(toc_digest, member, toc_offset,
+                                             blob_size=len(blob), max_size=1 << 20,
+                                             max_entries=1000)  # fmt: skip
+
+
+async def test_worker_parse_equals_the_in_daemon_parse_and_is_kept(
+    parser: TocParser, layer, tmp_path: Path
+) -> None:
+    blob, toc_offset, _, toc_digest = layer
+    store = TocStore(tmp_path / "store")
+    toc = await _add(parser, store, layer)
+    assert parser.parsed_in_worker == 1
+    expected = _in_daemon(layer, tmp_path)
+    assert list(toc.entries) == list(expected.entries)
+    assert (toc.toc_offset, toc.blob_size) == (toc_offset, len(blob))
+    assert [c for c in toc.chunks()] == [c for c in expected.chunks()]
+    # The member is kept as the in-daemon parse keeps it; no staged or result file left.
+    assert [p.name for p in store.dir.iterdir()] == [toc_digest.hex]
+    loaded = store.load(toc_digest, blob_size=len(blob), max_entries=1000)
+    assert loaded is not None and list(loaded.entries) == list(toc.entries)
+
+
+async def test_errors_come_back_from_the_worker_and_nothing_is_kept(
+    parser: TocParser, layer, tmp_path: Path
+) -> None:
+    store = TocStore(tmp_path)
+    with pytest.raises(DataLoss, match="toc"):
+        await _add(parser, store, layer, digest=Digest.of(b"another toc"))
+    doc = b'{"version": 1, "entries": [{"name": "a/../../x", "type": "dir"}]}'
+    with pytest.raises(InvalidTOC):
+        await _add(parser, store, layer, member=_member(doc), digest=Digest.of(doc))
+    assert parser._proc is not None  # the same worker, still serving
+    assert list(store.dir.iterdir()) == []
+    await _add(parser, store, layer)
+    assert parser.parsed_in_worker == 1
+
+
+async def test_without_a_worker_the_daemon_parses(layer, tmp_path: Path) -> None:
+    parser = TocParser()  # never run
+    toc = await _add(parser, TocStore(tmp_path), layer)
+    assert parser.parsed_in_worker == 0
+    assert list(toc.entries) == list(_in_daemon(layer, tmp_path).entries)
+
+
+async def test_a_second_parse_while_the_worker_is_busy_runs_in_the_daemon(
+    parser: TocParser, layer, tmp_path: Path
+) -> None:
+    results = []
+    async with trio.open_nursery() as nursery:
+        for i in range(2):
+            nursery.start_soon(
+                lambda i=i: _collect(results, _add(parser, TocStore(tmp_path / str(i)), layer))
+            )
+    assert len(results) == 2 and list(results[0].entries) == list(results[1].entries)
+    assert parser.parsed_in_worker == 1
+
+
+async def _collect(results: list, coro) -> None:  # type: ignore[no-untyped-def]
+    results.append(await coro)
+
+
+@pytest.mark.allow_log_errors
+async def test_a_killed_worker_is_replaced(
+    parser: TocParser, layer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _add(parser, TocStore(tmp_path), layer)
+    first = parser._proc
+    assert first is not None
+    os.kill(first.pid, signal.SIGTERM)  # dies on its own: counted, restarted after a delay
+    with trio.fail_after(10):
+        while parser._proc is None or parser._proc is first:
+            await trio.sleep(0.05)
+    await _add(parser, TocStore(tmp_path / "again"), layer)
+    assert parser.parsed_in_worker == 2
+    assert "worker exited with -15" in caplog.text
+
+
+def _member(doc: bytes) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("stargz.index.json")
+        info.size = len(doc)
+        tf.addfile(info, io.BytesIO(doc))
+    return gzip.compress(buf.getvalue(), 1)
+
+
+async def test_a_cancelled_parse_kills_the_worker_and_the_next_parse_works(
+    parser: TocParser, layer, tmp_path: Path
+) -> None:
+    # Large enough that the worker is still parsing when the caller gives up.
+    dirs = ",".join(f'{{"name": "d{i}", "type": "dir"}}' for i in range(60_000))
+    doc = f'{{"version": 1, "entries": [{dirs}]}}'.encode()
+    store = TocStore(tmp_path)
+    await _add(parser, store, layer)  # the worker is up
+    first = parser._proc
+    assert first is not None
+    with trio.move_on_after(0.3) as scope:
+        await parser.add(store, Digest.of(doc), _member(doc), 100, blob_size=1000,
+                         max_size=1 << 24, max_entries=100_000)  # fmt: skip
+    assert scope.cancelled_caught
+    with trio.fail_after(10):
+        while parser._proc is None or parser._proc is first:
+            await trio.sleep(0.01)
+    assert first.returncode == -signal.SIGKILL
+    assert [p.name for p in store.dir.iterdir()] == [layer[3].hex]  # nothing staged left
+    await _add(parser, TocStore(tmp_path / "again"), layer)
+    assert parser.parsed_in_worker == 2
