@@ -333,13 +333,15 @@ class FuseRemoteLayers:
         return find_in_roots(self._cfg.repository_roots, layer_digest)
 
     async def _load_toc(
-        self, source: LayerSource, size: int, *, allow_unverified: bool = False
+        self, source: LayerSource, size: int | None, *, allow_unverified: bool = False
     ) -> Toc:
         """A layer's TOC, verified against its label's digest (unverified only when
         `allow_unverified` and the label has none) and kept in the TOC store: for an
-        attach, a restore and `tocs_ahead` alike."""
+        attach, a restore and `tocs_ahead` alike. `size` None: the registry tells it."""
+        ref, digest = Reference.parse(source.image_ref), Digest.parse(source.layer_digest)
+        tail = self.hosts.limited(ref.host, partial(self._client.read_blob_tail, ref, digest))
         return await load_toc(
-            self._fetcher(source), blob_size=size,
+            self._fetcher(source), blob_size=size, fetch_tail=tail,
             toc_digest=Digest.parse(source.toc_digest) if source.toc_digest else None,
             max_toc_size=self._cfg.max_toc_bytes, max_entries=self._cfg.max_toc_entries,
             allow_unverified=allow_unverified, timeout=self._cfg.fetch_timeout,
@@ -384,13 +386,12 @@ class FuseRemoteLayers:
             self.tocs_ahead.seen(source, self._known)  # layers may be new all the same
             return handle
         unverified_ok = self._cfg.allow_no_verification and source.skip_verify
-        ref = Reference.parse(source.image_ref)
         digest = Digest.parse(source.layer_digest)
-        size = await self._client.blob_size(ref, digest)
         fetch = self._fetcher(source)
-        toc = await self.tocs_ahead.take(source, size) if source.toc_digest else None
-        if toc is None:
-            toc = await self._load_toc(source, size, allow_unverified=unverified_ok)
+        toc = await self.tocs_ahead.take(source) if source.toc_digest else None
+        if toc is None:  # the blob's size comes with its footer (no HEAD first)
+            toc = await self._load_toc(source, None, allow_unverified=unverified_ok)
+        size = toc.blob_size
         self.tocs_ahead.seen(source, self._known)
         with self._lock:
             layer = self._layers.get(source.layer_digest)

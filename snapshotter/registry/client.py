@@ -41,7 +41,7 @@ from snapshotter.registry.manifest import (
 )
 from snapshotter.registry.redirects import REDACT_URLS
 from snapshotter.registry.reference import Reference
-from snapshotter.registry.responses import range_body, read_capped, verified_manifest
+from snapshotter.registry.responses import range_body, read_capped, tail_body, verified_manifest
 from snapshotter.registry.retry import RetryPolicy, parse_retry_after
 from snapshotter.registry.session import Session
 
@@ -145,6 +145,26 @@ class RegistryClient:
                 return await range_body(response, start, end, what)
             except BaseException:
                 # A storage URL that broke mid-body is not reused; the registry decides.
+                self.redirects.drop(self.session.redirect_key(ep, ref, digest))
+                raise
+            finally:
+                await response.aclose()
+
+        return await self.failover.run(ref.host, "pull", what, op)
+
+    async def read_blob_tail(self, ref: Reference, digest: Digest, n: int) -> tuple[bytes, int]:
+        """The last min(n, size) bytes of a blob and its size, in one request (a suffix
+        range): what a HEAD and a range request would give, one round trip sooner."""
+        what = f"blob {digest} of {ref.host}/{ref.repository} last {n} bytes"
+        if n <= 0:
+            raise RegistryRejected(f"{what}: empty range")
+        headers = {"Range": f"bytes=-{n}"}
+
+        async def op(ep: Endpoint) -> tuple[bytes, int]:
+            response = await self.session.blob_request(ep, ref, digest, what, headers)
+            try:
+                return await tail_body(response, n, what)
+            except BaseException:
                 self.redirects.drop(self.session.redirect_key(ep, ref, digest))
                 raise
             finally:

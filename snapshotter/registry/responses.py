@@ -16,7 +16,7 @@ from snapshotter.registry.errors import (
 )
 from snapshotter.registry.manifest import Index, Manifest, parse_manifest_or_index
 
-__all__ = ["SMALL_BLOB_TRIM", "range_body", "read_capped", "verified_manifest"]
+__all__ = ["SMALL_BLOB_TRIM", "range_body", "read_capped", "tail_body", "verified_manifest"]
 
 # A server that ignores Range may still be used when the whole blob is this small.
 SMALL_BLOB_TRIM = 1 << 20
@@ -82,6 +82,37 @@ async def range_body(response: httpx.Response, start: int, end: int, what: str) 
     if len(data) < end:
         raise ShortRead(f"{what}: whole blob has only {len(data)} bytes")
     return data[start:end]
+
+
+async def tail_body(response: httpx.Response, n: int, what: str) -> tuple[bytes, int]:
+    """The last min(n, size) bytes of a blob and its size, from the answer to a suffix
+    range `bytes=-n`: a 206 ending at the blob's end, or a small whole-blob 200."""
+    if response.status_code == 206:
+        m = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+        if m is None or not m.group(3).isdigit():
+            got = response.headers.get("content-range")
+            raise ShortRead(f"{what}: answered Content-Range {got!r}")
+        first, last, size = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        want = min(n, size)
+        if (first, last) != (size - want, size - 1):
+            raise ShortRead(f"{what}: answered bytes {first}-{last} of {size}, not the last {want}")
+        try:
+            data = await _read_at_most(response, want)
+        except _TooLarge:
+            raise ShortRead(f"{what}: body longer than {want} bytes") from None
+        if len(data) != want:
+            raise ShortRead(f"{what}: got {len(data)} of {want} bytes")
+        return data, size
+    if response.status_code != 200:
+        raise RegistryRejected(f"{what}: unexpected HTTP {response.status_code}")
+    try:
+        data = await _read_at_most(response, max(n, SMALL_BLOB_TRIM))
+    except _TooLarge:
+        raise RangeNotSupported(f"{what}: server ignores Range for a large blob") from None
+    length = response.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) != len(data):
+        raise ShortRead(f"{what}: got {len(data)} of {length} bytes")
+    return data[-n:], len(data)
 
 
 def verified_manifest(

@@ -6,6 +6,7 @@ or served; format/ does the byte-level work, this module only fetches and decide
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -33,6 +34,8 @@ from snapshotter.remote.tocstore import TocStore
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
+    "TAIL_BYTES",
+    "FetchTail",
     "RemoteLayer",
     "TocDigestMissing",
     "TocFetchTimeout",
@@ -42,6 +45,13 @@ __all__ = [
 ]
 
 DEFAULT_MAX_ENTRIES = 1 << 20
+# The first request for a TOC asks for this much of the blob's end: the footer, and the
+# whole TOC member of most layers (up to ~1,000 entries), so one round trip instead of
+# two; a larger member costs one more request for the rest. It wastes at most 64 KiB on
+# a layer with a tiny TOC: 5 ms at 100 Mbit/s, a quarter of a 20 ms round trip.
+TAIL_BYTES = 64 * 1024
+# A suffix range: (last n bytes, blob size).
+FetchTail = Callable[[int], Awaitable[tuple[bytes, int]]]
 # Deflate may add a few bytes per block, and the member carries tar headers and the
 # end-of-archive trailer besides the JSON.
 _MEMBER_SLACK = 64 * 1024
@@ -71,9 +81,10 @@ class RemoteLayer:
 async def load_toc(
     fetch_range: FetchRange,
     *,
-    blob_size: int,
+    blob_size: int | None,
     toc_digest: Digest | None,
     max_toc_size: int,
+    fetch_tail: FetchTail | None = None,
     max_entries: int = DEFAULT_MAX_ENTRIES,
     allow_unverified: bool = False,
     timeout: float = 30.0,
@@ -83,8 +94,10 @@ async def load_toc(
 ) -> Toc:
     """The validated TOC of the eStargz blob behind `fetch_range`.
 
-    Two range requests: the footer (last 51 bytes), then the TOC member it points at.
-    The TOC JSON must hash to `toc_digest` (DataLoss otherwise) before it is parsed. With
+    The blob's last TAIL_BYTES first: the footer, and the whole TOC member when it is
+    small; then what it lacks of the member, if anything. With `blob_size` None, that
+    first request is `fetch_tail`'s suffix range, which tells the size as well (no HEAD).
+    The TOC JSON must hash to `toc_digest` (DataLoss otherwise) before it is used. With
     no digest, raise TocDigestMissing unless `allow_unverified`. A blob that is not
     eStargz raises InvalidFooter, a malformed or hostile TOC InvalidTOC (both
     InvalidArgument: the caller falls back to a normal pull); the fetches together are
@@ -97,13 +110,18 @@ async def load_toc(
     """
     if toc_digest is None and not allow_unverified:
         raise TocDigestMissing(f"{name}: no toc digest; refusing to serve an unverified layer")
-    if blob_size < LEGACY_FOOTER_SIZE:
-        raise InvalidFooter(f"{name}: not an eStargz layer: blob of {blob_size} bytes")
+    if blob_size is None and fetch_tail is None:
+        raise ValueError("load_toc: neither blob_size nor fetch_tail")
     try:
         with trio.fail_after(timeout):
-            tail_start = max(0, blob_size - FOOTER_SIZE)
-            tail = await _fetch(fetch_range, tail_start, blob_size, name)
-            toc_offset, footer_size = parse_footer(tail, blob_size=blob_size)
+            if blob_size is None:
+                assert fetch_tail is not None
+                tail, blob_size = await _fetch_tail(fetch_tail, name)
+            elif blob_size >= LEGACY_FOOTER_SIZE:
+                tail = await _fetch(fetch_range, max(0, blob_size - TAIL_BYTES), blob_size, name)
+            if blob_size < LEGACY_FOOTER_SIZE:
+                raise InvalidFooter(f"{name}: not an eStargz layer: blob of {blob_size} bytes")
+            toc_offset, footer_size = parse_footer(tail[-FOOTER_SIZE:], blob_size=blob_size)
             member_end = blob_size - footer_size
             limit = max_toc_size + max_toc_size // 100 + _MEMBER_SLACK
             if member_end - toc_offset > limit:
@@ -111,7 +129,11 @@ async def load_toc(
                     f"{name}: toc member is {member_end - toc_offset} bytes, "
                     f"over the limit for a toc of {max_toc_size} bytes"
                 )
-            member = await _fetch(fetch_range, toc_offset, member_end, name)
+            tail_start = blob_size - len(tail)
+            member = tail[max(0, toc_offset - tail_start) : member_end - tail_start]
+            del tail
+            if toc_offset < tail_start:
+                member = await _fetch(fetch_range, toc_offset, tail_start, name) + member
     except trio.TooSlowError:
         raise TocFetchTimeout(f"{name}: toc not fetched within {timeout}s") from None
 
@@ -185,3 +207,14 @@ async def _fetch(fetch_range: FetchRange, start: int, end: int, name: str) -> by
     if len(data) != end - start:
         raise ShortRead(f"{name}: range [{start}, {end}) answered with {len(data)} bytes")
     return data
+
+
+async def _fetch_tail(fetch_tail: FetchTail, name: str) -> tuple[bytes, int]:
+    token = FETCH_PURPOSE.set("toc")
+    try:
+        data, size = await fetch_tail(TAIL_BYTES)
+    finally:
+        FETCH_PURPOSE.reset(token)
+    if len(data) != min(TAIL_BYTES, size):
+        raise ShortRead(f"{name}: last {TAIL_BYTES} bytes of {size} answered with {len(data)}")
+    return data, size

@@ -54,11 +54,12 @@ class TocsAhead(TaskHost):
     `seen(source, skip)` (trio thread, after that layer's own TOC is loaded) resolves
     the image's manifest and starts loading, `parallel` at a time, the TOC of each
     other layer that has a TOC digest and that `skip(digest)` does not rule out
-    (attached already, in a repository root). `take(source, blob_size)` returns such a
-    TOC, waiting for its load if it is under way, only if it was loaded for the very
-    TOC digest and blob size the layer's own labels and registry give; otherwise None,
-    and the caller loads it as usual. Loading ahead is an optimisation: a failure is a
-    log line, and the layer's Prepare fetches the TOC itself.
+    (attached already, in a repository root). `take(source)` returns such a TOC,
+    waiting for its load if it is under way, only if it was loaded for the very TOC
+    digest the layer's own labels give (the blob size is the manifest's, which the
+    footer found at its end confirms); otherwise None, and the caller loads it as usual.
+    Loading ahead is an optimisation: a failure is a log line, and the layer's Prepare
+    fetches the TOC itself.
     """
 
     def __init__(self, client: RegistryClient, load: LoadToc, *, parallel: int = 2) -> None:
@@ -79,9 +80,9 @@ class TocsAhead(TaskHost):
         self._images[key] = now
         self._nursery.start_soon(self._image, source, skip)
 
-    async def take(self, source: LayerSource, blob_size: int) -> Toc | None:
+    async def take(self, source: LayerSource) -> Toc | None:
         load = self._loads.get(source.layer_digest)
-        if load is None or load.toc_digest != source.toc_digest or load.blob_size != blob_size:
+        if load is None or load.toc_digest != source.toc_digest:
             return None
         await load.done.wait()
         self._loads.pop(source.layer_digest, None)

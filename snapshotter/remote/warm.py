@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import trio
 
@@ -31,6 +31,8 @@ __all__ = ["HostPool", "WarmHooks", "WarmPolicy", "Warmer"]
 log = logging.getLogger("lazysnap.warm")
 
 FetchRange = Callable[[int, int], Awaitable[bytes]]
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +88,10 @@ class HostPool:
         self.per_host = max(1, per_host)
         self._hosts: dict[str, _Host] = {}
 
-    def limited(self, host: str, fetch: FetchRange) -> FetchRange:
-        async def fetch_range(start: int, end: int) -> bytes:
+    def limited(self, host: str, fetch: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        """`fetch` (a FetchRange, or any request to `host`) within the host's bound."""
+
+        async def fetch_range(*args: P.args, **kwargs: P.kwargs) -> T:
             state = self._hosts.get(host)
             if state is None:
                 state = self._hosts[host] = _Host(trio.CapacityLimiter(self.per_host))
@@ -99,7 +103,7 @@ class HostPool:
                 state.tocs += 1
             try:
                 async with state.limiter:
-                    return await fetch(start, end)
+                    return await fetch(*args, **kwargs)
             finally:
                 if purpose == "toc":
                     state.tocs -= 1

@@ -75,9 +75,10 @@ def _ranges(fake: FakeRegistry, layer: Layer) -> int:
 
 
 async def _loaded_ahead(fake: FakeRegistry, layer: Layer) -> int:
-    """Wait for the footer and TOC requests of `layer`, unasked; how many were made."""
+    """Wait for the request for the blob's end (footer and TOC) of `layer`, unasked; how
+    many were made."""
     with trio.fail_after(5):
-        while _ranges(fake, layer) < 2:
+        while _ranges(fake, layer) < 1:
             await trio.sleep(0.01)
     await trio.testing.wait_all_tasks_blocked()
     return _ranges(fake, layer)

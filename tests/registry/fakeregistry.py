@@ -277,10 +277,17 @@ def _grants(scopes: str | None, repo: str, action: str) -> bool:
 def _serve(request: httpx.Request, data: bytes, ignore_range: bool) -> httpx.Response:
     if request.method == "HEAD":
         return httpx.Response(200, headers={"Content-Length": str(len(data))})
-    m = re.match(r"^bytes=(\d+)-(\d+)$", request.headers.get("range", ""))
-    if m is None or ignore_range:
+    header = request.headers.get("range", "")
+    if ignore_range:
         return httpx.Response(200, content=data)
-    start, last = int(m.group(1)), min(int(m.group(2)), len(data) - 1)
+    if m := re.match(r"^bytes=(\d+)-(\d+)$", header):
+        start, last = int(m.group(1)), min(int(m.group(2)), len(data) - 1)
+    elif m := re.match(r"^bytes=-(\d+)$", header):  # the last n bytes (RFC 9110 14.1.1)
+        start, last = max(0, len(data) - int(m.group(1))), len(data) - 1
+        if int(m.group(1)) == 0:
+            return httpx.Response(416)
+    else:
+        return httpx.Response(200, content=data)
     if start >= len(data):
         return httpx.Response(416)
     headers = {"Content-Range": f"bytes {start}-{last}/{len(data)}"}

@@ -122,6 +122,43 @@ async def test_wrong_content_range_is_refused(fake: FakeRegistry, make_client: M
         await make_client().read_blob_range(REF, digest, 10, 20)
 
 
+async def test_blob_tail_tells_the_size_in_one_request(
+    fake: FakeRegistry, make_client: MakeClient
+) -> None:
+    digest = Digest.parse(fake.add_blob(DATA))
+    client = make_client()
+    assert await client.read_blob_tail(REF, digest, 51) == (DATA[-51:], len(DATA))
+    # More than the blob: all of it (a 206 for the whole range).
+    assert await client.read_blob_tail(REF, digest, len(DATA) + 100) == (DATA, len(DATA))
+    seen = [(s.method, s.headers.get("range")) for s in fake.seen]
+    assert seen == [("GET", "bytes=-51"), ("GET", f"bytes=-{len(DATA) + 100}")]
+
+
+async def test_blob_tail_range_ignored_small_is_trimmed_large_refused(
+    fake: FakeRegistry, make_client: MakeClient
+) -> None:
+    small = Digest.parse(fake.add_blob(DATA))
+    large = Digest.parse(fake.add_blob(b"L" * (2 << 20)))
+    fake.script(blob_path(str(small)), ["ignore-range"])
+    fake.script(blob_path(str(large)), ["ignore-range", "ignore-range"])
+    client = make_client()
+    assert await client.read_blob_tail(REF, small, 100) == (DATA[-100:], len(DATA))
+    with pytest.raises(RangeNotSupported):
+        await client.read_blob_tail(REF, large, 100)
+
+
+@pytest.mark.parametrize("content_range", ["bytes 0-9/{n}", "bytes {a}-{z}/*", "bytes {a}-{y}/{n}"])
+async def test_blob_tail_not_ending_at_the_end_is_refused(
+    fake: FakeRegistry, make_client: MakeClient, content_range: str
+) -> None:
+    digest = Digest.parse(fake.add_blob(DATA))
+    n = len(DATA)
+    header = content_range.format(n=n, a=n - 10, y=n - 2, z=n - 1)
+    fake.script(blob_path(str(digest)), [(206, {"Content-Range": header})])
+    with pytest.raises(ShortRead):
+        await make_client().read_blob_tail(REF, digest, 10)
+
+
 async def test_retries_scripted_faults(fake: FakeRegistry, make_client: MakeClient) -> None:
     digest = Digest.parse(fake.add_blob(DATA))
     fake.script(blob_path(str(digest)), [503, "connect", "timeout", "ok"])

@@ -16,6 +16,7 @@ from snapshotter.format.build import build_estargz
 from snapshotter.format.estargz import InvalidFooter, read_toc_json
 from snapshotter.remote.blob import ShortRead
 from snapshotter.remote.layer import (
+    TAIL_BYTES,
     TocDigestMissing,
     TocFetchTimeout,
     TocTooLarge,
@@ -39,7 +40,7 @@ async def _load(source, toc_digest, **kw):  # type: ignore[no-untyped-def]
     return await load_toc(source, blob_size=len(source.blob), toc_digest=toc_digest, **kw)
 
 
-async def test_good_toc_is_verified_and_parsed_in_two_fetches(
+async def test_good_small_toc_is_verified_and_parsed_in_one_fetch(
     layer, fake_source, tmp_path
 ) -> None:
     blob, toc_digest = layer
@@ -56,8 +57,46 @@ async def test_good_toc_is_verified_and_parsed_in_two_fetches(
     assert len(names["usr/lib/big.bin"].chunks) == 5
     assert len({c.digest for c in names["usr/lib/zeros"].chunks}) == 2
     assert toc.blob_size == len(blob)
-    assert len(source.calls) == 2
-    assert source.calls[0][1] == len(blob)
+    assert source.calls == [(max(0, len(blob) - TAIL_BYTES), len(blob))]
+
+
+@pytest.fixture(scope="module")
+def big_layer() -> tuple[bytes, Digest]:
+    """A layer whose TOC member is larger than TAIL_BYTES."""
+    files = {f"usr/share/doc/package-{i:05d}/{'long-name-' * 8}{i}.txt": b"x%d" % i
+             for i in range(3000)}  # fmt: skip
+    blob, toc_digest = _build(files)
+    toc_offset = int(blob[-51:][16:32], 16)
+    assert len(blob) - 51 - toc_offset > TAIL_BYTES
+    return blob, toc_digest
+
+
+async def test_large_toc_takes_a_second_fetch_for_the_rest_only(big_layer, fake_source) -> None:
+    blob, toc_digest = big_layer
+    source = fake_source(blob)
+    toc = await _load(source, toc_digest)
+    toc_offset = int(blob[-51:][16:32], 16)
+    assert source.calls == [(len(blob) - TAIL_BYTES, len(blob)),
+                            (toc_offset, len(blob) - TAIL_BYTES)]  # fmt: skip
+    assert len(toc.entries) > 3000
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["one-fetch", "two-fetches"])
+async def test_without_a_size_the_suffix_range_tells_it(
+    layer, big_layer, fake_source, big: bool
+) -> None:
+    blob, toc_digest = big_layer if big else layer
+    source = fake_source(blob)
+    tails: list[int] = []
+
+    async def fetch_tail(n: int) -> tuple[bytes, int]:
+        tails.append(n)
+        return blob[-n:], len(blob)
+
+    toc = await load_toc(source, blob_size=None, fetch_tail=fetch_tail, toc_digest=toc_digest,
+                         max_toc_size=1 << 20)  # fmt: skip
+    assert toc.blob_size == len(blob) and tails == [TAIL_BYTES]
+    assert len(source.calls) == int(big)
 
 
 async def test_open_layer_serves_every_file_exactly(layer, fake_source, cache) -> None:
@@ -123,16 +162,24 @@ async def test_toc_member_cut_short_is_data_loss(layer, fake_source) -> None:
         await _load(fake_source(damaged), toc_digest)
 
 
-async def test_source_answering_short_is_data_loss(layer, fake_source) -> None:
-    blob, toc_digest = layer
+@pytest.mark.parametrize("big", [False, True], ids=["one-fetch", "two-fetches"])
+async def test_source_answering_short_is_data_loss(
+    layer, big_layer, fake_source, big: bool
+) -> None:
+    blob, toc_digest = big_layer if big else layer
     with pytest.raises(ShortRead):
-        await _load(fake_source(blob, ["ok", "short"]), toc_digest)
+        await _load(fake_source(blob, ["ok", "short"] if big else ["short"]), toc_digest)
 
 
-async def test_corrupt_toc_bytes_are_data_loss(layer, fake_source) -> None:
-    blob, toc_digest = layer
+@pytest.mark.parametrize("big", [False, True], ids=["one-fetch", "two-fetches"])
+async def test_corrupt_toc_bytes_are_data_loss(layer, big_layer, fake_source, big: bool) -> None:
+    blob, toc_digest = big_layer if big else layer
+    if not big:  # one flipped byte in the TOC member, which the first request brings
+        toc_offset = int(blob[-51:][16:32], 16)
+        mid = (toc_offset + len(blob) - 51) // 2
+        blob = blob[:mid] + bytes([blob[mid] ^ 0xFF]) + blob[mid + 1 :]
     with pytest.raises(DataLoss):
-        await _load(fake_source(blob, ["ok", "corrupt"]), toc_digest)
+        await _load(fake_source(blob, ["ok", "corrupt"] if big else []), toc_digest)
 
 
 @pytest.mark.parametrize(
@@ -163,9 +210,10 @@ async def test_toc_member_over_the_limit_is_refused_before_fetching(fake_source)
     assert len(source.calls) == 1
 
 
-async def test_hanging_registry_times_out(layer, fake_source) -> None:
-    blob, toc_digest = layer
-    source = fake_source(blob, ["ok", "hang"])
+@pytest.mark.parametrize("big", [False, True], ids=["one-fetch", "two-fetches"])
+async def test_hanging_registry_times_out(layer, big_layer, fake_source, big: bool) -> None:
+    blob, toc_digest = big_layer if big else layer
+    source = fake_source(blob, ["ok", "hang"] if big else ["hang"])
     with pytest.raises(TocFetchTimeout) as info:
         await _load(source, toc_digest, timeout=0.3)
     assert isinstance(info.value, Unavailable)
@@ -190,7 +238,7 @@ async def test_two_layers_sharing_a_file_fetch_its_chunks_once(fake_source, cach
     blob_b, toc_b = _build({"usr/lib/big.bin": shared, "b.txt": b"only in b" * 70})
     src_a, src_b = fake_source(blob_a), fake_source(blob_b)
     layer_a, layer_b = await _open(src_a, cache, toc_a), await _open(src_b, cache, toc_b)
-    assert len(src_b.calls) == 2  # footer and toc only
+    assert len(src_b.calls) == 1  # the blob's end: footer and toc
 
     big_a = layer_a.toc.by_name()["usr/lib/big.bin"]
     big_b = layer_b.toc.by_name()["usr/lib/big.bin"]
@@ -219,11 +267,11 @@ async def test_landmark_prefetch_fetches_exactly_the_prioritized_files(fake_sour
     assert {c.digest for c in plan.chunks} == wanted
     result = await prefetch(layer.blob, plan)
     assert result.failed == 0
-    assert len(source.calls) == 3  # footer, toc, one range for the prefetch
-    assert source.calls[2][0] < source.calls[2][1] <= layer.toc.prefetch_landmark
+    assert len(source.calls) == 2  # the blob's end (footer and toc), one for the prefetch
+    assert source.calls[1][0] < source.calls[1][1] <= layer.toc.prefetch_landmark
     for name in ("etc/hello.txt", "usr/lib/big.bin"):
         assert b"".join(await layer.blob.read_chunks(by_name[name].chunks)) == FILES[name]
-    assert len(source.calls) == 3
+    assert len(source.calls) == 2
 
 
 async def test_toc_store_keeps_the_verified_member_for_a_restart(
