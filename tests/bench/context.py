@@ -3,6 +3,7 @@ plus the daemon-side views the parts share (status.json, layer mount paths, VmHW
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -18,7 +19,7 @@ from tests.bench.results import Results
 from tests.e2e.harness import wait_for
 from tests.e2e.stack import Stack
 
-__all__ = ["Context", "daemon_status", "layer_path", "vm_kib"]
+__all__ = ["Context", "children_vm_kib", "daemon_status", "layer_path", "vm_kib"]
 
 
 @dataclass
@@ -81,6 +82,16 @@ def layer_path(stack: Stack, image: BuiltImage, index: int = -1) -> Path:
                if f["layer_digest"] == digest]
     raise RuntimeError(f"layer {digest} of {image.name} is not served lazily "
                        f"({'; '.join(reasons) or 'no status row'})")
+
+
+def children_vm_kib(pid: int, field: str) -> int:
+    """`vm_kib` summed over the children of `pid` (the daemon's TOC parser), 0 if none."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError, KeyError):
+                total += vm_kib(int(child), field)
+    return total
 
 
 def vm_kib(pid: int, field: str) -> int:

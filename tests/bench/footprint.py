@@ -1,7 +1,9 @@
 """Memory and sharing: what lazysnap keeps per TOC entry, and what it fetches twice.
 
 Memory: the daemon's peak RSS (VmHWM) idle, then with the 100,000-entry layer mounted and
-every entry stat'ed; reported per TOC entry above idle.
+every entry stat'ed; reported per TOC entry above idle. Its TOC parser process (a child
+that parses TOCs off the daemon's GIL) is reported beside it: its peak, and what it holds
+once the layer is loaded.
 Sharing: (a) `pyslim` then `pystack` on one daemon: the bytes fetched for the second must
 not exceed the compressed size of its layers that `pyslim` lacks, and running pyslim's
 workload in pystack must fetch nothing for the shared layers (no re-fetch); (b) 8 containers of one
@@ -14,7 +16,7 @@ import subprocess
 import threading
 import time
 
-from tests.bench.context import Context, daemon_status, layer_path, vm_kib
+from tests.bench.context import Context, children_vm_kib, daemon_status, layer_path, vm_kib
 from tests.bench.link import CONDITIONS, ShapedLink
 from tests.bench.modes import MODES, drop_caches, open_stack, pull, run_workload
 from tests.bench.results import Record
@@ -37,6 +39,7 @@ def run_memory(ctx: Context) -> None:
             pid = stack.lazysnap.proc.pid
             time.sleep(_IDLE_SETTLE)
             idle = vm_kib(pid, "VmHWM")
+            parser_idle = children_vm_kib(pid, "VmRSS")
             pull(stack, mode, image.ref(link.host, esgz=True))
             root = layer_path(stack, image)
             drop_caches()
@@ -44,15 +47,22 @@ def run_memory(ctx: Context) -> None:
                            timeout=1800)
             loaded = vm_kib(pid, "VmHWM")
             rss = vm_kib(pid, "VmRSS")
+            parser_peak = children_vm_kib(pid, "VmHWM")
+            parser_rss = children_vm_kib(pid, "VmRSS")
         per_entry = (loaded - idle) * 1024 / entries
         case = f"{entries} entries"
         for metric, value, unit in (("idle_VmHWM", idle * 1024, "B"),
                                     ("loaded_VmHWM", loaded * 1024, "B"),
                                     ("loaded_VmRSS", rss * 1024, "B"),
-                                    ("bytes_per_entry", per_entry, "B/entry")):
+                                    ("bytes_per_entry", per_entry, "B/entry"),
+                                    ("parser_idle_VmRSS", parser_idle * 1024, "B"),
+                                    ("parser_loaded_VmHWM", parser_peak * 1024, "B"),
+                                    ("parser_loaded_VmRSS", parser_rss * 1024, "B")):
             ctx.results.add(Record("memory", case, "lazysnap", metric, value, unit, rep))
         ctx.log(f"memory rep {rep}: idle {idle / 1024:.1f} MiB, with {entries} entries "
-                f"{loaded / 1024:.1f} MiB: {per_entry:.0f} B/entry")
+                f"{loaded / 1024:.1f} MiB: {per_entry:.0f} B/entry; toc parser idle "
+                f"{parser_idle / 1024:.1f} MiB, peak {parser_peak / 1024:.1f} MiB, "
+                f"after {parser_rss / 1024:.1f} MiB")
 
 
 def _start(stack, ref: str, cid: str, cmd, errors: list[str]) -> None:  # type: ignore[no-untyped-def]

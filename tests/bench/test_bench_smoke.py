@@ -53,6 +53,7 @@ def test_smoke_run_measures_every_part(tmp_path: Path, scratch: Path) -> None:
     assert ratios[("nonlazy", "pyslim @ unshaped", "exit_s", "lazysnap-gzip")] is not None
     by_metric = {(r["part"], r["metric"], r["variant"]): r["median"] for r in rows}
     assert by_metric[("memory", "bytes_per_entry", "lazysnap")] > 0
+    assert by_metric[("memory", "parser_idle_VmRSS", "lazysnap")] > 0  # the TOC parser runs
     assert by_metric[("sharing", "refetched_shared_bytes", "lazysnap")] == 0
     assert by_metric[("sharing", "bytes_ratio", "lazysnap")] <= 1.05
     # Every measurement was also written as a JSON line, and the table beside it.
