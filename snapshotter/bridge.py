@@ -382,8 +382,10 @@ class FuseRemoteLayers:
             else:
                 handle = None
         self._tell_preparing(source)
-        if handle is not None:  # shared with an image pulled before: the image's other
-            self.tocs_ahead.seen(source, self._known)  # layers may be new all the same
+        # The image's other layers' TOCs load now, beside this one's: a Prepare waits for
+        # its TOC, and the next layer's is often the larger (more to fetch and parse).
+        self.tocs_ahead.seen(source, self._known)
+        if handle is not None:  # shared with an image pulled before
             return handle
         unverified_ok = self._cfg.allow_no_verification and source.skip_verify
         digest = Digest.parse(source.layer_digest)
@@ -392,7 +394,6 @@ class FuseRemoteLayers:
         if toc is None:  # the blob's size comes with its footer (no HEAD first)
             toc = await self._load_toc(source, None, allow_unverified=unverified_ok)
         size = toc.blob_size
-        self.tocs_ahead.seen(source, self._known)
         with self._lock:
             layer = self._layers.get(source.layer_digest)
             if layer is None:

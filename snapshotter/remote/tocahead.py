@@ -51,7 +51,7 @@ class _Load:
 class TocsAhead(TaskHost):
     """Loads the TOCs of an image's other layers once one of its layers is prepared.
 
-    `seen(source, skip)` (trio thread, after that layer's own TOC is loaded) resolves
+    `seen(source, skip)` (trio thread, when one of its layers is prepared) resolves
     the image's manifest and starts loading, `parallel` at a time, the TOC of each
     other layer that has a TOC digest and that `skip(digest)` does not rule out
     (attached already, in a repository root). `take(source)` returns such a TOC,

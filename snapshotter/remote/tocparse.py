@@ -9,8 +9,10 @@ staged and writes the `Toc` pickled beside it (flat arrays: 3 ms to load for 30,
 entries); the daemon loads that file, so it never holds the member, a pickle and the Toc
 at once.
 
-The worker is an optimisation, never a dependency: while it is busy, not running or
-failing, the parse runs in a daemon thread as it did before. Errors are the parser's own
+Parses take turns in the worker (a thread would only take the daemon's GIL, the
+contention the worker is there to avoid). The worker is an optimisation, never a
+dependency: while it is not running or failing, the parse runs in a daemon thread as it
+did before. Errors are the parser's own
 (InvalidTOC, DataLoss, ...), raised here exactly as an in-thread parse raises them.
 
     parser = TocParser()
@@ -50,7 +52,7 @@ _MAX_DEATHS = 5  # in a row, without a parse between: then parse in the daemon f
 class TocParser:
     def __init__(self) -> None:
         self._proc: trio.Process | None = None
-        self._busy = False
+        self._turn = trio.Lock()  # one request at a time in the worker
         self._deaths = 0
         self.parsed_in_worker = 0  # for tests and status: how many parses went there
 
@@ -107,11 +109,14 @@ class TocParser:
         return toc
 
     async def _parse(self, staged: Path, kwargs: dict[str, Any]) -> Toc:
-        proc = self._proc
-        if proc is None or self._busy:
-            return await trio.to_thread.run_sync(partial(parse_staged, staged, **kwargs))
+        async with self._turn:
+            proc = self._proc
+            if proc is None or proc.returncode is not None:
+                return await trio.to_thread.run_sync(partial(parse_staged, staged, **kwargs))
+            return await self._ask(proc, staged, kwargs)
+
+    async def _ask(self, proc: trio.Process, staged: Path, kwargs: dict[str, Any]) -> Toc:
         assert proc.stdin is not None and proc.stdout is not None
-        self._busy = True
         result = staged.with_name(staged.name + ".toc")
         try:
             try:
@@ -131,7 +136,6 @@ class TocParser:
             self.parsed_in_worker += 1
             return await trio.to_thread.run_sync(_load, result)
         finally:
-            self._busy = False
             result.unlink(missing_ok=True)
 
 
