@@ -22,6 +22,7 @@ __all__ = [
     "PrefetchPlan",
     "PrefetchResult",
     "background_fetch",
+    "blob_order",
     "missing_chunks",
     "plan_prefetch",
     "plan_whole_layer",
@@ -49,6 +50,12 @@ class PrefetchResult:
     failed: int  # chunks whose batch failed (left to on-demand reads)
     bytes_fetched: int  # compressed bytes this prefetch caused to be fetched
     complete: bool = False  # every chunk it set out to fetch is in the cache
+
+
+def blob_order(chunk: Chunk) -> tuple[int, int]:
+    """Chunks in the order their bytes lie in the blob: adjacent ones merge into one
+    range request."""
+    return chunk.offset, chunk.inner_offset
 
 
 def plan_prefetch(toc: Toc, *, size: int) -> PrefetchPlan:
@@ -80,7 +87,7 @@ def _chunks_before(toc: Toc, end: int) -> tuple[Chunk, ...]:
     for chunk in toc.chunks():
         if chunk.offset < end:
             seen.setdefault(chunk.digest, chunk)
-    return tuple(sorted(seen.values(), key=lambda c: (c.offset, c.inner_offset)))
+    return tuple(sorted(seen.values(), key=blob_order))
 
 
 async def prefetch(blob: RemoteBlob, plan: PrefetchPlan, *, parallel: int = 4) -> PrefetchResult:
@@ -138,7 +145,7 @@ def missing_chunks(blob: RemoteBlob, toc: Toc) -> list[Chunk]:
     for chunk in toc.chunks():
         if chunk.digest not in seen and Digest.parse(chunk.digest) not in blob.cache:
             seen[chunk.digest] = chunk
-    return sorted(seen.values(), key=lambda c: (c.offset, c.inner_offset))
+    return sorted(seen.values(), key=blob_order)
 
 
 async def background_fetch(

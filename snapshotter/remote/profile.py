@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from snapshotter.digest import Digest
 from snapshotter.errors import InvalidArgument
 from snapshotter.format.toc import Chunk, Entry, Toc
-from snapshotter.remote.prefetch import PrefetchPlan
+from snapshotter.remote.prefetch import PrefetchPlan, blob_order
 
 __all__ = [
     "MAX_PROFILE_BYTES",
@@ -141,7 +141,7 @@ def plan_profile(profile: Profile, layer: str, toc: Toc) -> PrefetchPlan:
             known[chunk.digest] = chunk
     ordered = [known[d] for d in dict.fromkeys(wanted) if d in known]
     chunks = tuple(c for group in _groups(ordered, lambda c: c.end - c.offset)
-                   for c in sorted(group, key=_blob_order))
+                   for c in sorted(group, key=blob_order))
     return PrefetchPlan(end=0, chunks=chunks, reason="profile")
 
 
@@ -170,7 +170,7 @@ def plan_image_profile(profile: Profile, layers: Iterable[str]) -> list[tuple[st
         for layer, chunk in group:
             by_layer.setdefault(layer, []).append(chunk)
         for layer, chunks in by_layer.items():
-            steps.append((layer, sorted(chunks, key=_blob_order)))
+            steps.append((layer, sorted(chunks, key=blob_order)))
     return steps
 
 
@@ -187,10 +187,6 @@ def _groups(items: list[_T], size: Callable[[_T], int]) -> list[list[_T]]:
         groups[-1].append(item)
         total += size(item)
     return groups
-
-
-def _blob_order(chunk: Chunk) -> tuple[int, int]:
-    return chunk.offset, chunk.inner_offset
 
 
 @dataclass
