@@ -297,6 +297,7 @@ class FuseRemoteLayers:
             "layers": rows,
             "fallbacks": fallbacks,
             "fallback_counts": counts,
+            "toc_parser": self.toc_parser.status(),
         }
 
     # -- internals ----------------------------------------------------------------------

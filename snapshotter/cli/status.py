@@ -76,6 +76,12 @@ def render(doc: dict[str, Any]) -> str:
             f"{fb['image_ref'][-40:]:40} {fb['layer_digest'][:19]:19} "
             f"{'fallback: ' + fb['reason']:24} {'-':>9} {'-':>9} {'-':>6} {'-':>6}  {fb['detail']}"
         )
+    parser = doc.get("toc_parser")
+    if parser:
+        pid = parser["worker_pid"]
+        lines.append(f"toc parser: {f'worker pid {pid}' if pid else 'no worker'}; "
+                     f"{parser['parsed_in_worker']} parsed there, "
+                     f"{parser['parsed_in_daemon']} in the daemon")
     cache = doc.get("cache")
     if cache:
         lines.append(f"cache: {_size(cache['bytes'])} of {_size(cache['max_bytes'])} in "

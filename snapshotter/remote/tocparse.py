@@ -54,7 +54,8 @@ class TocParser:
         self._proc: trio.Process | None = None
         self._turn = trio.Lock()  # one request at a time in the worker
         self._deaths = 0
-        self.parsed_in_worker = 0  # for tests and status: how many parses went there
+        self.parsed_in_worker = 0  # parses answered by the worker
+        self.parsed_in_daemon = 0  # parses that ran in a daemon thread instead
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:  # fmt: skip
@@ -112,7 +113,7 @@ class TocParser:
         async with self._turn:
             proc = self._proc
             if proc is None or proc.returncode is not None:
-                return await trio.to_thread.run_sync(partial(parse_staged, staged, **kwargs))
+                return await self._in_daemon(staged, kwargs)
             return await self._ask(proc, staged, kwargs)
 
     async def _ask(self, proc: trio.Process, staged: Path, kwargs: dict[str, Any]) -> Toc:
@@ -131,12 +132,26 @@ class TocParser:
             if status == "error":
                 raise detail
             if status != "ok":
-                return await trio.to_thread.run_sync(partial(parse_staged, staged, **kwargs))
+                return await self._in_daemon(staged, kwargs)
             self._deaths = 0
             self.parsed_in_worker += 1
             return await trio.to_thread.run_sync(_load, result)
         finally:
             result.unlink(missing_ok=True)
+
+
+    async def _in_daemon(self, staged: Path, kwargs: dict[str, Any]) -> Toc:
+        self.parsed_in_daemon += 1
+        return await trio.to_thread.run_sync(partial(parse_staged, staged, **kwargs))
+
+    def status(self) -> dict[str, Any]:
+        """For `lazysnap status`: is the worker up, and where did the parses run."""
+        proc = self._proc
+        return {
+            "worker_pid": proc.pid if proc is not None and proc.returncode is None else None,
+            "parsed_in_worker": self.parsed_in_worker,
+            "parsed_in_daemon": self.parsed_in_daemon,
+        }
 
 
 def _load(path: Path) -> Toc:

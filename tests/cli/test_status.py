@@ -179,3 +179,16 @@ def test_a_warmed_layer_shows_bytes_by_purpose(
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == ("    prefetch: landmark done (512.0KiB); background: running "
                         "(200.0KiB); on demand: 56.0KiB in 3 requests, 4 reads waited")
+
+
+def test_the_toc_parser_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = _doc()
+    doc["toc_parser"] = {"worker_pid": 4242, "parsed_in_worker": 5, "parsed_in_daemon": 1}
+    _write(tmp_path, doc)
+    assert _status(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "toc parser: worker pid 4242; 5 parsed there, 1 in the daemon" in out
+    doc["toc_parser"]["worker_pid"] = None
+    _write(tmp_path, doc)
+    assert _status(tmp_path) == 0
+    assert "toc parser: no worker; 5 parsed there" in capsys.readouterr().out

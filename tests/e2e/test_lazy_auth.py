@@ -177,6 +177,8 @@ def test_status_cli_shows_lazy_layers_and_why_others_are_not(
     assert line.split()[0].endswith(f"/{b.repo}:{b.tag}")
     assert "fallback: unauthorized" in line and data in line  # the detail names the layer
     assert lines[-1].startswith("cache: ")
+    # TOCs were parsed by the daemon's worker process, not in the daemon itself.
+    assert lines[-2].startswith("toc parser: worker pid "), lines[-2]
 
     done = status_cli(stack.lazysnap.root, "--json")
     assert done.returncode == 0, done.stderr
@@ -188,6 +190,10 @@ def test_status_cli_shows_lazy_layers_and_why_others_are_not(
     assert row["percent_fetched"] == pytest.approx(percent, abs=0.1)
     assert doc["fallback_counts"]["unauthorized"] >= 1
     assert doc["pid"] == stack.lazysnap.proc.pid  # type: ignore[union-attr]
+    parser = doc["toc_parser"]
+    assert parser["parsed_in_worker"] >= 1 and parser["parsed_in_daemon"] == 0
+    stat = Path(f"/proc/{parser['worker_pid']}/stat").read_text()
+    assert int(stat.rsplit(")", 1)[1].split()[1]) == doc["pid"]  # the daemon's child
     for server in (lazy, fell):
         for secret in _secrets(server):
             assert secret not in done.stdout

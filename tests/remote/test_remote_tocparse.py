@@ -64,7 +64,9 @@ async def test_worker_parse_equals_the_in_daemon_parse_and_is_kept(
     blob, toc_offset, _, toc_digest = layer
     store = TocStore(tmp_path / "store")
     toc = await _add(parser, store, layer)
-    assert parser.parsed_in_worker == 1
+    assert parser._proc is not None
+    assert parser.status() == {"worker_pid": parser._proc.pid, "parsed_in_worker": 1,
+                               "parsed_in_daemon": 0}  # fmt: skip
     expected = _in_daemon(layer, tmp_path)
     assert list(toc.entries) == list(expected.entries)
     assert (toc.toc_offset, toc.blob_size) == (toc_offset, len(blob))
@@ -93,7 +95,7 @@ async def test_errors_come_back_from_the_worker_and_nothing_is_kept(
 async def test_without_a_worker_the_daemon_parses(layer, tmp_path: Path) -> None:
     parser = TocParser()  # never run
     toc = await _add(parser, TocStore(tmp_path), layer)
-    assert parser.parsed_in_worker == 0
+    assert parser.status() == {"worker_pid": None, "parsed_in_worker": 0, "parsed_in_daemon": 1}
     assert list(toc.entries) == list(_in_daemon(layer, tmp_path).entries)
 
 
