@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -48,6 +51,8 @@ from snapshotter.registry.session import Session
 __all__ = ["RegistryClient"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _MAX_ERROR_BODY = 64 << 10
 
@@ -137,20 +142,8 @@ class RegistryClient:
         what = f"blob {digest} of {ref.host}/{ref.repository} range [{start}, {end})"
         if not 0 <= start < end:
             raise RegistryRejected(f"{what}: empty or negative range")
-        headers = {"Range": f"bytes={start}-{end - 1}"}
-
-        async def op(ep: Endpoint) -> bytes:
-            response = await self.session.blob_request(ep, ref, digest, what, headers)
-            try:
-                return await range_body(response, start, end, what)
-            except BaseException:
-                # A storage URL that broke mid-body is not reused; the registry decides.
-                self.redirects.drop(self.session.redirect_key(ep, ref, digest))
-                raise
-            finally:
-                await response.aclose()
-
-        return await self.failover.run(ref.host, "pull", what, op)
+        return await self._ranged(ref, digest, what, f"bytes={start}-{end - 1}",
+                                  partial(range_body, start=start, end=end, what=what))  # fmt: skip
 
     async def read_blob_tail(self, ref: Reference, digest: Digest, n: int) -> tuple[bytes, int]:
         """The last min(n, size) bytes of a blob and its size, in one request (a suffix
@@ -158,13 +151,22 @@ class RegistryClient:
         what = f"blob {digest} of {ref.host}/{ref.repository} last {n} bytes"
         if n <= 0:
             raise RegistryRejected(f"{what}: empty range")
-        headers = {"Range": f"bytes=-{n}"}
+        return await self._ranged(ref, digest, what, f"bytes=-{n}",
+                                  partial(tail_body, n=n, what=what))  # fmt: skip
 
-        async def op(ep: Endpoint) -> tuple[bytes, int]:
+    async def _ranged(
+        self, ref: Reference, digest: Digest, what: str, byte_range: str,
+        body: Callable[[httpx.Response], Awaitable[T]],
+    ) -> T:  # fmt: skip
+        """A Range request for a blob, its answer read by `body`, with failover."""
+        headers = {"Range": byte_range}
+
+        async def op(ep: Endpoint) -> T:
             response = await self.session.blob_request(ep, ref, digest, what, headers)
             try:
-                return await tail_body(response, n, what)
+                return await body(response)
             except BaseException:
+                # A storage URL that broke mid-body is not reused; the registry decides.
                 self.redirects.drop(self.session.redirect_key(ep, ref, digest))
                 raise
             finally:

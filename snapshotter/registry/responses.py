@@ -63,13 +63,7 @@ async def range_body(response: httpx.Response, start: int, end: int, what: str) 
         if m is None or (int(m.group(1)), int(m.group(2))) != (start, end - 1):
             got = response.headers.get("content-range")
             raise ShortRead(f"{what}: answered Content-Range {got!r}")
-        try:
-            data = await _read_at_most(response, want)
-        except _TooLarge:
-            raise ShortRead(f"{what}: body longer than {want} bytes") from None
-        if len(data) != want:
-            raise ShortRead(f"{what}: got {len(data)} of {want} bytes")
-        return data
+        return await _exactly(response, want, what)
     if response.status_code != 200:
         raise RegistryRejected(f"{what}: unexpected HTTP {response.status_code}")
     # The server ignored Range. Fine if we asked for the whole blob, or it is small.
@@ -84,6 +78,17 @@ async def range_body(response: httpx.Response, start: int, end: int, what: str) 
     return data[start:end]
 
 
+async def _exactly(response: httpx.Response, want: int, what: str) -> bytes:
+    """A 206's body, which must be `want` bytes long."""
+    try:
+        data = await _read_at_most(response, want)
+    except _TooLarge:
+        raise ShortRead(f"{what}: body longer than {want} bytes") from None
+    if len(data) != want:
+        raise ShortRead(f"{what}: got {len(data)} of {want} bytes")
+    return data
+
+
 async def tail_body(response: httpx.Response, n: int, what: str) -> tuple[bytes, int]:
     """The last min(n, size) bytes of a blob and its size, from the answer to a suffix
     range `bytes=-n`: a 206 ending at the blob's end, or a small whole-blob 200."""
@@ -96,13 +101,7 @@ async def tail_body(response: httpx.Response, n: int, what: str) -> tuple[bytes,
         want = min(n, size)
         if (first, last) != (size - want, size - 1):
             raise ShortRead(f"{what}: answered bytes {first}-{last} of {size}, not the last {want}")
-        try:
-            data = await _read_at_most(response, want)
-        except _TooLarge:
-            raise ShortRead(f"{what}: body longer than {want} bytes") from None
-        if len(data) != want:
-            raise ShortRead(f"{what}: got {len(data)} of {want} bytes")
-        return data, size
+        return await _exactly(response, want, what), size
     if response.status_code != 200:
         raise RegistryRejected(f"{what}: unexpected HTTP {response.status_code}")
     try:

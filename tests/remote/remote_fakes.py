@@ -46,6 +46,18 @@ def layer_tar(files: dict[str, bytes]) -> bytes:
 HEADER = gzip.compress(b"\0" * 512, mtime=0)  # stands in for a tar header member
 
 
+def estargz_parts(files: dict[str, bytes] = FILES) -> tuple[bytes, int, bytes, Digest]:
+    """(blob, toc_offset, TOC member, TOC digest) of an eStargz layer of `files`."""
+    from snapshotter.format.build import build_estargz
+    from snapshotter.format.estargz import parse_footer
+
+    out = io.BytesIO()
+    result = build_estargz(io.BytesIO(layer_tar(files)), out, chunk_size=CHUNK)
+    blob = out.getvalue()
+    toc_offset, footer = parse_footer(blob[-51:], blob_size=len(blob))
+    return blob, toc_offset, blob[toc_offset : len(blob) - footer], result.toc_digest
+
+
 def layout(groups: list[list[bytes]], level: int = 9) -> tuple[bytes, list[Chunk]]:
     """A blob laid out like eStargz payloads: one gzip member per group, each piece of a
     group one chunk (several pieces share a member, as with innerOffset)."""

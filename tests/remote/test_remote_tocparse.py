@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from remote_fakes import CHUNK, FILES
-from remote_fakes import layer_tar as _tar
+from remote_fakes import estargz_parts
 
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss
-from snapshotter.format.build import build_estargz
-from snapshotter.format.estargz import InvalidTOC, parse_footer
+from snapshotter.format.estargz import InvalidTOC
 from snapshotter.remote.tocparse import TocParser
 from snapshotter.remote.tocstore import TocStore
 
@@ -27,11 +25,7 @@ from snapshotter.remote.tocstore import TocStore
 @pytest.fixture(scope="module")
 def layer() -> tuple[bytes, int, bytes, Digest]:
     """(blob, toc_offset, toc member, toc digest) of a small eStargz layer."""
-    out = io.BytesIO()
-    result = build_estargz(io.BytesIO(_tar(FILES)), out, chunk_size=CHUNK)
-    blob = out.getvalue()
-    toc_offset, footer = parse_footer(blob[-51:], blob_size=len(blob))
-    return blob, toc_offset, blob[toc_offset : len(blob) - footer], result.toc_digest
+    return estargz_parts()
 
 
 @pytest.fixture
