@@ -259,7 +259,8 @@ class ProfileService(TaskHost):
             known = self._resolved.get(source.image_ref)
             if known is not None and time.monotonic() - known[1] < _RESOLVE_TTL:
                 return known[0]
-            document = await self._client.get_manifest(ref)
+            # Shared with the TOCs loaded ahead, which resolve the image at the same moment.
+            document = await self._client.get_manifest(ref, max_age=_RESOLVE_TTL)
         except LazysnapError as exc:
             log.info("image %s: no manifest digest, so no profile (%s)", source.image_ref, exc)
             return None

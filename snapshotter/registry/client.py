@@ -42,6 +42,7 @@ from snapshotter.registry.manifest import (
     Platform,
     host_platform,
 )
+from snapshotter.registry.recent import RecentManifests
 from snapshotter.registry.redirects import REDACT_URLS
 from snapshotter.registry.reference import Reference
 from snapshotter.registry.responses import range_body, read_capped, tail_body, verified_manifest
@@ -93,12 +94,20 @@ class RegistryClient:
         self.failover = Failover(hosts_dir, retry, timeout, _translate)
         self.session = Session(ChainedCredentials(sources), timeout, transport, _raise_for_status)
         self.redirects = self.session.redirects
+        self._recent = RecentManifests()
         logging.getLogger("httpx").addFilter(REDACT_URLS)  # a set: adding twice keeps one
 
     # -- public API ------------------------------------------------------------------
 
-    async def get_manifest(self, ref: Reference, *, platform: str | None = None) -> Manifest:
-        """The image manifest for `ref`, choosing from an index by `platform`."""
+    async def get_manifest(
+        self, ref: Reference, *, platform: str | None = None, max_age: float | None = None
+    ) -> Manifest:
+        """The image manifest for `ref`, choosing from an index by `platform`. With
+        `max_age`, one fetched for the same reference and platform at most that many
+        seconds ago (or being fetched now) is reused: see registry/recent.py."""
+        if max_age is not None:
+            fetch = partial(self.get_manifest, ref, platform=platform)
+            return await self._recent.get(f"{ref}#{platform or ''}", max_age, fetch)
         wanted = Platform.parse(platform) if platform else host_platform()
         capability = "pull" if ref.digest is not None else "resolve"
         found = await self._fetch_manifest(ref, ref.object, capability, ref.digest, None)

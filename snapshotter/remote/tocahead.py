@@ -93,7 +93,8 @@ class TocsAhead(TaskHost):
             ref = Reference.parse(source.image_ref)
             if source.manifest_digest:
                 ref = ref.with_digest(Digest.parse(source.manifest_digest))
-            manifest = await self._client.get_manifest(ref)
+            # Shared with the profile lookup, which resolves the image at the same moment.
+            manifest = await self._client.get_manifest(ref, max_age=_AGAIN)
         except LazysnapError as exc:
             log.info("image %s: later layers' TOCs not loaded ahead (%s)", source.image_ref, exc)
             return

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 from snapshotter.digest import Digest
 from snapshotter.errors import ClosedError, DataLoss, InvalidArgument
@@ -45,6 +46,38 @@ async def test_get_manifest_by_tag_then_digest(fake: FakeRegistry, make_client: 
     assert json.loads(m.raw) == doc
     pinned = await client.get_manifest(REF.with_digest(Digest.parse(digest)))
     assert pinned.raw == m.raw
+
+
+async def test_a_recent_manifest_is_shared_within_max_age(
+    fake: FakeRegistry, make_client: MakeClient
+) -> None:
+    """Two parts of the daemon resolving one tag at once cost one GET; later, within
+    max_age, none; with max_age 0, or without max_age, a GET each; failures are not kept."""
+    doc = manifest_doc(fake, [b"layer-one"])
+    fake.add_manifest("team/app", "v1", doc, OCI_MANIFEST)
+    client = make_client()
+
+    def gets() -> int:
+        return sum(1 for s in fake.seen if s.method == "GET" and "/manifests/" in str(s.url))
+
+    got: list[object] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(lambda: _append(got, client.get_manifest(REF, max_age=60.0)))
+    assert gets() == 1 and len(got) == 3 and got[0] is got[1] is got[2]
+    assert await client.get_manifest(REF, max_age=60.0) is got[0] and gets() == 1
+    await client.get_manifest(REF, max_age=0.0)
+    await client.get_manifest(REF)
+    assert gets() == 3
+    other = Reference.parse("registry.test/team/app:v2")
+    with pytest.raises(ManifestNotFound):
+        await client.get_manifest(other, max_age=60.0)
+    fake.add_manifest("team/app", "v2", doc, OCI_MANIFEST)
+    assert (await client.get_manifest(other, max_age=60.0)).raw == got[0].raw  # type: ignore[attr-defined]
+
+
+async def _append(out: list[object], coro) -> None:  # type: ignore[no-untyped-def]
+    out.append(await coro)
 
 
 @pytest.mark.parametrize(
