@@ -10,6 +10,7 @@ daemon then parses the member itself to raise it). It exits when stdin closes.
 from __future__ import annotations
 
 import pickle
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ def answer(staged: str, result: str, kwargs: dict[str, object]) -> bytes:
 
 
 def main() -> int:
+    # Its life is its pipe: it ends when the daemon closes stdin (or dies). A Ctrl-C in a
+    # terminal or systemd's SIGTERM to the unit's cgroup is for the daemon, which would
+    # otherwise log this process's death as a failure while it shuts down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but frames may reach the daemon's pipe
     while (request := read_frame(requests)) is not None:
