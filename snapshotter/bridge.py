@@ -300,6 +300,14 @@ class FuseRemoteLayers:
             "toc_parser": self.toc_parser.status(),
         }
 
+    def trim_tocs(self) -> tuple[int, int]:
+        """Bound the TOC store (`toc_store_size`), keeping the TOCs of every layer a
+        snapshot uses; `(files, bytes)` removed. Blocking: run it in a thread."""
+        with self._lock:
+            keep = {Digest.parse(layer.source.toc_digest).hex
+                    for layer in self._layers.values() if layer.source.toc_digest}  # fmt: skip
+        return self._tocs.trim(keep, self._cfg.toc_store_bytes)
+
     # -- internals ----------------------------------------------------------------------
     def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return trio.from_thread.run(fn, *args, trio_token=self._token)

@@ -51,6 +51,10 @@ class Config:
     cache_size: str = _opt("10GiB", "bound of the shared chunk cache (bytes, or 512MiB, 10GiB)")
     max_toc_size: str = _opt("64MiB", "largest uncompressed TOC accepted")
     max_toc_entries: int = _opt(1_000_000, "most entries accepted in one TOC")
+    toc_store_size: str = _opt(
+        "1GiB", "bound of the TOCs kept on disk for restarts; those of layers no snapshot "
+        "uses are removed beyond it, oldest first"
+    )
     read_timeout: float = _opt(30.0, "seconds before a FUSE read that cannot be served fails")
     fetch_timeout: float = _opt(30.0, "seconds for one registry request")
     allow_no_verification: bool = _opt(
@@ -124,6 +128,10 @@ class Config:
     @property
     def max_toc_bytes(self) -> int:
         return parse_size(self.max_toc_size, "max_toc_size")
+
+    @property
+    def toc_store_bytes(self) -> int:
+        return parse_size(self.toc_store_size, "toc_store_size")
 
     @property
     def prefetch_bytes(self) -> int:
@@ -232,6 +240,7 @@ def load(args: argparse.Namespace | None = None) -> Config:
     coerced = {k: _coerce(k, _HINTS[k], v) for k, v in values.items()}
     cfg = Config(**coerced)
     parse_size(cfg.cache_size, "cache_size")
+    parse_size(cfg.toc_store_size, "toc_store_size")
     parse_size(cfg.max_toc_size, "max_toc_size")
     for key in ("prefetch_size", "background_rate", "readahead_size", "fetch_window"):
         parse_size(getattr(cfg, key), key)

@@ -43,6 +43,7 @@ __all__ = ["run", "setup_logging"]
 log = logging.getLogger("lazysnap")
 
 STATUS_INTERVAL = 2.0
+TOC_TRIM_INTERVAL = 600.0  # seconds between trims of the TOC store (and one at start)
 
 
 def setup_logging(level: str) -> None:
@@ -91,6 +92,19 @@ async def _status_loop(
                 log.info("status file %s written again", path)
             failing = False
         await trio.sleep(STATUS_INTERVAL)
+
+
+async def _trim_tocs_loop(remote: FuseRemoteLayers) -> None:
+    while True:
+        try:
+            files, freed = await trio.to_thread.run_sync(remote.trim_tocs)
+        except OSError as exc:
+            log.warning("toc store: not trimmed: %s", exc)
+        else:
+            if files:
+                log.info("toc store: removed %d TOCs of layers no snapshot uses (%d bytes)",
+                         files, freed)  # fmt: skip
+        await trio.sleep(TOC_TRIM_INTERVAL)
 
 
 async def _serve(cfg: Config) -> None:
@@ -164,6 +178,8 @@ async def _serve(cfg: Config) -> None:
                                               store, mode=int(cfg.socket_mode, 8))
                     proxy.start()
                 nursery.start_soon(_status_loop, cfg, remote, cache, store)
+                if remote is not None:  # after the restore, which reads the stored TOCs
+                    nursery.start_soon(_trim_tocs_loop, remote)
                 await nursery.start(ControlServer(cfg.root / CONTROL_SOCKET, {
                     "prefetch": prefetch_handler(
                         cfg, client, cache,

@@ -6,10 +6,12 @@ A stored TOC is trusted only after its JSON hashes to the digest it is filed und
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -60,6 +62,30 @@ class TocStore:
                     tmp.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("toc store %s: temp files not swept: %s", self.dir, exc)
+
+    def trim(self, keep: Collection[str], max_bytes: int) -> tuple[int, int]:
+        """Remove stored TOCs whose digest hex is not in `keep`, oldest first, until the
+        store holds at most `max_bytes`; `(files, bytes)` removed. Those in `keep` (the
+        layers snapshots use, which a restart restores from here) always stay."""
+        stored = []
+        try:
+            for path in self.dir.iterdir():
+                if not path.name.startswith("."):  # temp files: `_sweep`'s
+                    with contextlib.suppress(FileNotFoundError):
+                        stored.append((path.stat(), path))
+        except FileNotFoundError:
+            return 0, 0
+        total = sum(st.st_size for st, _ in stored)
+        removed = freed = 0
+        for st, path in sorted(stored, key=lambda f: f[0].st_mtime):
+            if total <= max_bytes:
+                break
+            if path.name in keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= st.st_size
+            removed, freed = removed + 1, freed + st.st_size
+        return removed, freed
 
     def _path(self, digest: Digest) -> Path:
         return self.dir / digest.hex

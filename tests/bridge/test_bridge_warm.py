@@ -69,3 +69,17 @@ async def test_background_fetch_completes_an_attached_layer(make_bench: MakeBenc
     assert bench.bridge.status()["layers"][0]["bytes_background"] > 0
     await bench.call("release", handle)
     assert bench.bridge.warmer.keys() == []
+
+
+async def test_trimming_the_toc_store_keeps_the_tocs_of_used_layers(
+    make_bench: MakeBench,
+) -> None:
+    bench = make_bench(toc_store_size="0")
+    layer = push_estargz(bench.fake)
+    assert await bench.prepare(layer_labels(layer.digest, layer.toc_digest)) is not None
+    tocs = bench.cfg.root / "tocs"
+    used = tocs / layer.toc_digest.split(":")[1]
+    assert used.exists()  # kept for a restart
+    (tocs / ("e" * 64)).write_bytes(b"old")  # a layer no snapshot uses any more
+    assert bench.bridge.trim_tocs() == (1, 3)
+    assert [p.name for p in tocs.iterdir()] == [used.name]

@@ -109,3 +109,20 @@ def test_old_temp_files_are_swept_fresh_ones_kept(tmp_path) -> None:
     os.utime(old, (1, 1))
     TocStore(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-fresh"]
+
+
+def test_trim_removes_unused_tocs_oldest_first_and_keeps_used_ones(tmp_path: Path) -> None:
+    store = TocStore(tmp_path)
+    sizes = {"a" * 64: 100, "b" * 64: 200, "c" * 64: 300, "d" * 64: 400}
+    for age, (name, size) in enumerate(sizes.items()):
+        path = tmp_path / name
+        path.write_bytes(b"x" * size)
+        os.utime(path, (1000 + age, 1000 + age))  # a oldest, d newest
+    (tmp_path / ".tmp-in-progress").write_bytes(b"y" * 10_000)  # not a stored TOC
+    # 1000 bytes stored; bound 500: a is in use (kept), b and c go, d is newest.
+    assert store.trim(keep={"a" * 64}, max_bytes=500) == (2, 500)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-in-progress", "a" * 64, "d" * 64]
+    # Used TOCs stay even beyond the bound; nothing to do under it.
+    assert store.trim(keep={"a" * 64, "d" * 64}, max_bytes=0) == (0, 0)
+    assert store.trim(keep=set(), max_bytes=10_000) == (0, 0)
+    assert TocStore(tmp_path / "never-made").trim(keep=set(), max_bytes=0) == (0, 0)
