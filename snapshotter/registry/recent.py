@@ -49,9 +49,9 @@ class RecentManifests:
         while len(self._entries) > _KEPT:
             self._entries.popitem(last=False)
         try:
-            entry.manifest = await fetch()
+            entry.manifest = manifest = await fetch()
         finally:
             entry.done.set()
             if entry.manifest is None and self._entries.get(key) is entry:
                 del self._entries[key]
-        return entry.manifest
+        return manifest
