@@ -139,7 +139,6 @@ class TocParser:
         finally:
             result.unlink(missing_ok=True)
 
-
     async def _in_daemon(self, staged: Path, kwargs: dict[str, Any]) -> Toc:
         self.parsed_in_daemon += 1
         return await trio.to_thread.run_sync(partial(parse_staged, staged, **kwargs))
