@@ -61,7 +61,10 @@ class LayerHooks(Protocol):
     `attached` runs in the trio thread right after a layer is attached (or restored) and
     must not block; `lowerdir(digest)` (any thread) may name another directory holding
     the same tree for new mounts, or None; `released(digest)` (any thread) comes after
-    the layer's last snapshot is gone; `status(digest)` adds fields to the status row.
+    the layer's last snapshot is gone; `restored(in_use)` (trio thread) comes once the
+    daemon's start-up restore is over, with the digest of every layer a snapshot uses
+    (work left by layers released while the daemon was down can go); `status(digest)`
+    adds fields to the status row.
     """
 
     def preparing(self, source: LayerSource) -> None: ...
@@ -72,6 +75,8 @@ class LayerHooks(Protocol):
     def lowerdir(self, digest: str) -> str | None: ...
 
     def released(self, digest: str) -> None: ...
+
+    def restored(self, in_use: frozenset[str]) -> None: ...
 
     def status(self, digest: str) -> dict[str, Any]: ...
 
@@ -299,6 +304,17 @@ class FuseRemoteLayers:
             "fallback_counts": counts,
             "toc_parser": self.toc_parser.status(),
         }
+
+    def restore_done(self) -> None:
+        """The daemon's restore is over: every layer a snapshot uses is in `_layers`
+        (restored, or waiting for its TOC); the hooks may drop what belongs to no other."""
+        with self._lock:
+            in_use = frozenset(self._layers)
+        for hook in self._hooks:
+            try:
+                hook.restored(in_use)
+            except Exception:  # hooks are optimisations, never fatal
+                log.exception("%s: restored failed", type(hook).__name__)
 
     def trim_tocs(self) -> tuple[int, int]:
         """Bound the TOC store (`toc_store_size`), keeping the TOCs of every layer a

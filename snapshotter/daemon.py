@@ -171,6 +171,8 @@ async def _serve(cfg: Config) -> None:
                 # which calls back into this trio loop.
                 sn = await trio.to_thread.run_sync(lambda: Snapshotter(cfg.root, remote=remote))
                 restored.set()
+                if remote is not None:
+                    remote.restore_done()
                 server = SnapshotServer(sn, cfg.address, mode=int(cfg.socket_mode, 8))
                 server.start()
                 if store is not None:

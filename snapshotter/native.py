@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -46,6 +47,7 @@ NATIVE_DIR = "native"
 MAX_SHARE = 0.5  # native layers may take at most this share of the cache budget
 _COPY_TIMEOUT = 600.0
 _HIDDEN = frozenset({".prefetch.landmark", ".no.prefetch.landmark"})
+_LAYER_DIR = re.compile(r"[a-z0-9]+-[0-9a-f]{32,128}")  # `path(digest).name`
 
 
 @dataclass
@@ -125,6 +127,27 @@ class NativeLayers(TaskHost):
             state.ready = False
         if was_ready:
             self._remove(state)
+
+    def restored(self, in_use: frozenset[str]) -> None:
+        """Remove the native directories (and half-made copies) of layers no snapshot uses:
+        their snapshots were removed while the daemon was down (or it died mid-copy), so
+        no mount can use them. Anything not named like a layer's directory is left."""
+        with self._lock:
+            keep = {self.path(d).name for d in (*in_use, *self._layers)}
+        if self._nursery is not None:
+            self._nursery.start_soon(trio.to_thread.run_sync, self._sweep, keep)
+
+    def _sweep(self, keep: set[str]) -> None:
+        try:
+            found = list(self.directory.iterdir())
+        except FileNotFoundError:
+            return
+        for path in found:
+            name = path.name.removesuffix(".tmp")
+            if name in keep or not _LAYER_DIR.fullmatch(name):
+                continue
+            log.info("native directory %s: its layer is no longer used; removed", path)
+            _rmtree(path)
 
     def status(self, digest: str) -> dict[str, Any]:
         with self._lock:

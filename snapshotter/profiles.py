@@ -184,6 +184,9 @@ class ProfileService(TaskHost):
         self._layer_images.pop(layer_digest, None)
         self._applied.pop(layer_digest, None)
 
+    def restored(self, in_use: frozenset[str]) -> None:
+        pass  # profiles belong to images, not to layers: none is dropped with a layer
+
     def status(self, layer_digest: str) -> dict[str, Any]:
         """`{"profile": {manifest, from, chunks, fetched_chunks, bytes, complete}}` once a
         profile was applied to the layer, else {}."""

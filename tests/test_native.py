@@ -109,3 +109,23 @@ async def test_a_directory_from_an_earlier_run_is_kept_as_in_use(layer) -> None:
     assert cache.max_bytes == (1 << 20) - 9000
     native.released(LAYER)
     assert not native.path(LAYER).exists()
+
+
+async def test_after_the_restore_directories_of_unused_layers_go(layer) -> None:
+    """Snapshots removed while the daemon was down leave native directories (and maybe a
+    half-made copy) nobody can use: once the restore says which layers are in use, they
+    are removed; those of used layers, and anything not named like a layer's, stay."""
+    root, cache, _toc, _blob, _ = layer
+    native = NativeLayers(root, cache, root / "repo")
+    used, gone = LAYER, "sha256:" + "e" * 64
+    for path in (native.path(used), native.path(gone), Path(f"{native.path(gone)}.tmp"),
+                 native.directory / "lost+found"):  # fmt: skip
+        os.makedirs(path / "lib")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(native.run)
+        native.restored(frozenset({used}))
+        await _until(lambda: not native.path(gone).exists()
+                     and not Path(f"{native.path(gone)}.tmp").exists())  # fmt: skip
+        nursery.cancel_scope.cancel()
+    assert sorted(p.name for p in native.directory.iterdir()) == [
+        "lost+found", native.path(used).name]

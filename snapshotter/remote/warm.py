@@ -281,5 +281,8 @@ class WarmHooks:
         else:
             self.warmer.detach(digest)
 
+    def restored(self, in_use: frozenset[str]) -> None:
+        pass  # warming state lives in memory only
+
     def status(self, digest: str) -> dict[str, Any]:
         return self.warmer.status(digest)

@@ -28,6 +28,7 @@ class FakeHook:
         self.preparing_: list[str] = []
         self.attached_: list[tuple[str, str, int]] = []
         self.released_: list[str] = []
+        self.restored_: frozenset[str] | None = None
 
     def preparing(self, source: LayerSource) -> None:
         if self.broken:
@@ -44,6 +45,9 @@ class FakeHook:
 
     def released(self, digest: str) -> None:
         self.released_.append(digest)
+
+    def restored(self, in_use: frozenset[str]) -> None:
+        self.restored_ = in_use
 
     def status(self, digest: str) -> dict[str, Any]:
         return {"fake": digest[:12]}
@@ -76,6 +80,8 @@ async def test_hooks_hear_of_attach_and_release_and_may_answer_the_lowerdir(tmp_
             assert quiet.attached_ == [(json.loads(one)["dir"], layer.digest, 5)]
             assert bridge.lowerdir(one) == "/somewhere/native"
             assert bridge.status()["layers"][0]["fake"] == layer.digest[:12]
+            bridge.restore_done()  # the daemon's restore is over: the layers in use
+            assert quiet.restored_ == native.restored_ == frozenset({layer.digest})
             await trio.to_thread.run_sync(bridge.release, one)
             assert quiet.released_ == []  # another snapshot still uses the layer
             await trio.to_thread.run_sync(bridge.release, two)
