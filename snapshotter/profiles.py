@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -159,7 +158,6 @@ class ProfileService(TaskHost):
         self.parallel = parallel
         self._images: dict[str, _Image] = {}
         self._layer_images: dict[str, set[str]] = {}  # layer digest -> manifest digests
-        self._resolved: dict[str, tuple[str, float]] = {}  # image ref -> (manifest, when)
         self._applied: dict[str, dict[str, Any]] = {}  # layer digest -> what was prefetched
 
     # -- called by the bridge (trio thread) ----------------------------------------------
@@ -259,16 +257,13 @@ class ProfileService(TaskHost):
             ref = Reference.parse(source.image_ref)
             if ref.digest is not None and ref.tag is None:
                 return str(ref.digest)
-            known = self._resolved.get(source.image_ref)
-            if known is not None and time.monotonic() - known[1] < _RESOLVE_TTL:
-                return known[0]
-            # Shared with the TOCs loaded ahead, which resolve the image at the same moment.
+            # Reused for the image's other layers within the TTL, and shared with the TOCs
+            # loaded ahead, which resolve the image at the same moment.
             document = await self._client.get_manifest(ref, max_age=_RESOLVE_TTL)
         except LazysnapError as exc:
             log.info("image %s: no manifest digest, so no profile (%s)", source.image_ref, exc)
             return None
         manifest = str(document.digest)
-        self._resolved[source.image_ref] = (manifest, time.monotonic())
         image = self._images.setdefault(manifest, _Image(manifest))
         image.document = image.document or document
         return manifest
