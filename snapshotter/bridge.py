@@ -415,7 +415,7 @@ class FuseRemoteLayers:
         unverified_ok = self._cfg.allow_no_verification and source.skip_verify
         digest = Digest.parse(source.layer_digest)
         fetch = self._fetcher(source)
-        toc = await self.tocs_ahead.take(source) if source.toc_digest else None
+        toc = await self.tocs_ahead.take(source)  # None unless loaded for this TOC digest
         if toc is None:  # the blob's size comes with its footer (no HEAD first)
             toc = await self._load_toc(source, None, allow_unverified=unverified_ok)
         size = toc.blob_size

@@ -173,6 +173,8 @@ async def _serve(cfg: Config) -> None:
                 restored.set()
                 if remote is not None:
                     remote.restore_done()
+                    # After the restore, which reads the stored TOCs.
+                    nursery.start_soon(_trim_tocs_loop, remote)
                 server = SnapshotServer(sn, cfg.address, mode=int(cfg.socket_mode, 8))
                 server.start()
                 if store is not None:
@@ -180,8 +182,6 @@ async def _serve(cfg: Config) -> None:
                                               store, mode=int(cfg.socket_mode, 8))
                     proxy.start()
                 nursery.start_soon(_status_loop, cfg, remote, cache, store)
-                if remote is not None:  # after the restore, which reads the stored TOCs
-                    nursery.start_soon(_trim_tocs_loop, remote)
                 await nursery.start(ControlServer(cfg.root / CONTROL_SOCKET, {
                     "prefetch": prefetch_handler(
                         cfg, client, cache,
