@@ -118,6 +118,7 @@ def start_cri_stack(
             extra_args=["--cri-proxy-address", proxy_address,
                         "--containerd-address", containerd_address, *lazysnap_args],
         ).start()
+        lazysnap.wait_listening(proxy_address)
         containerd = CriContainerd(workdir / "containerd", sockdir,
                                    {SNAPSHOTTER: lazysnap.address}, sandbox_image)
         for host in registries:

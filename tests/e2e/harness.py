@@ -208,18 +208,23 @@ class Lazysnap(Service):
     def start(self, timeout: float = 30.0) -> Lazysnap:
         (self.workdir / "certs.d").mkdir(exist_ok=True)
         self._spawn(self.argv(), env={"PYTHONPATH": str(REPO_ROOT)})
+        self.wait_listening(self.address, timeout)
+        return self
+
+    def wait_listening(self, address: str, timeout: float = 30.0) -> None:
+        """Until the daemon accepts connections on `address`, one of its unix sockets
+        (they are bound one after another: the snapshots socket is only the first)."""
 
         def listening() -> bool:
             self.check_alive()
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 try:
-                    s.connect(self.address)
+                    s.connect(address)
                 except OSError:
                     return False
             return True
 
-        wait_for(listening, timeout, f"lazysnap socket {self.address}")
-        return self
+        wait_for(listening, timeout, f"lazysnap socket {address}")
 
     def restart(self) -> Lazysnap:
         status = self.stop()
