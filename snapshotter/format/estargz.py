@@ -6,7 +6,6 @@ hand them in. Everything a hostile blob can say is validated here before `fs/` s
 
 from __future__ import annotations
 
-import contextlib
 import io
 import tarfile
 import zlib
@@ -14,7 +13,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from snapshotter.digest import Digest
-from snapshotter.errors import DataLoss, InvalidArgument, LazysnapError
+from snapshotter.errors import DataLoss, InvalidArgument
 from snapshotter.format._tocjson import (
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
@@ -277,48 +276,22 @@ def parse_toc_member(
     what: str = "toc",
 ) -> Toc:
     """The `Toc` of a TOC member (see `toc_json_pieces`), its JSON verified against
-    `toc_digest`.
+    `toc_digest` before it is parsed: unverified JSON is never decoded, and a wrong digest
+    is DataLoss (the bytes are not the TOC the layer names) whatever they hold.
 
-    One streaming pass: each inflated piece is hashed and parsed, and the Toc is returned
-    only if the whole JSON matches the digest (DataLoss otherwise), so nothing unverified
-    is ever used. The parser is written for hostile JSON anyway, which is what makes
-    parsing before the digest is known safe; the pass saves inflating the member twice
-    (about a tenth of a large TOC's parse time, on the pull's critical path). A wrong digest
-    is DataLoss even when the parse fails first, since the bytes are not the TOC the
-    layer names. The JSON, several times the member's size, is never held whole.
+    The JSON is inflated, hashed and gathered in one pass, then decoded at once: a
+    large TOC's JSON (a few times the member's size) is held during the parse.
     """
     verifier = toc_digest.verifier() if toc_digest is not None else None
-    broken = False  # the member itself was refused (size limit, not a tar, truncated)
-
-    def hashed() -> Iterator[bytes]:
-        nonlocal broken
-        try:
-            for piece in toc_json_pieces(member, max_size=max_size):
-                if verifier is not None:
-                    verifier.update(piece)
-                yield piece
-        except LazysnapError:
-            broken = True
-            raise
-
-    pieces = hashed()
-    try:
-        toc = parse_toc(pieces, blob_size=blob_size, toc_offset=toc_offset,
-                        max_entries=max_entries)  # fmt: skip
-    except InvalidTOC as exc:
-        # Refused by the parser, not by the member's own checks: the rest of the JSON
-        # decides whether these were the layer's TOC bytes at all.
-        if verifier is not None and not broken:
-            with contextlib.suppress(LazysnapError):
-                for _ in pieces:
-                    pass
-            verifier.verify(what)
-        raise exc from None
-    for _ in pieces:  # the parse stops at the document's end; the pieces may go on
-        pass
+    out = io.BytesIO()  # hands its buffer over: no second copy of the JSON
+    for piece in toc_json_pieces(member, max_size=max_size):
+        if verifier is not None:
+            verifier.update(piece)
+        out.write(piece)
     if verifier is not None:
         verifier.verify(what)
-    return toc
+    return parse_toc(out.getvalue(), blob_size=blob_size, toc_offset=toc_offset,
+                     max_entries=max_entries)  # fmt: skip
 
 
 def extract_chunk(compressed: bytes, chunk: Chunk) -> bytes:

@@ -107,7 +107,9 @@ def test_peak_rss_per_entry_while_a_100k_entry_toc_loads(tmp_path: Path, where: 
           f"{kept:.0f} after")  # fmt: skip
     assert n > N
     assert len(list((tmp_path / "tocs").iterdir())) == 1  # kept for a restart
-    # ~180 (worker) and ~210 (thread) today: the Toc's columns (~130) and allocator
-    # slack; the fetched copy of the member counts too (the base is taken after the blob
-    # is read). Holding the inflated JSON during the parse, as before, would add ~340.
-    assert peak < 300
+    # With the worker, ~180 today: the Toc's columns (~130) and allocator slack; the
+    # fetched copy of the member counts too (the base is taken after the blob is read).
+    # In a thread the parse's own peak is the daemon's: ~1350 today, the inflated JSON
+    # (~360) and the decoded entries (~700), gone once the Toc is built (`after`).
+    assert peak < (300 if where == "worker" else 1600)
+    assert kept < 300
