@@ -95,6 +95,7 @@ class RegistryClient:
         self.session = Session(ChainedCredentials(sources), timeout, transport, _raise_for_status)
         self.redirects = self.session.redirects
         self._recent = RecentManifests()
+        self._referrers_api: dict[str, bool] = {}  # host -> answered the referrers API
         logging.getLogger("httpx").addFilter(REDACT_URLS)  # a set: adding twice keeps one
 
     # -- public API ------------------------------------------------------------------
@@ -224,12 +225,18 @@ class RegistryClient:
                     headers={"Accept": "application/vnd.oci.image.index.v1+json"},
                 )
             except ManifestNotFound:
+                self._referrers_api[ref.host] = False
                 return None
+            self._referrers_api[ref.host] = True
             if len(response.content) > MAX_MANIFEST_BYTES:
                 raise ManifestInvalid(f"{what}: over {MAX_MANIFEST_BYTES} bytes")
             return response.content
 
         return await self.failover.run(ref.host, "pull", what, op)
+
+    def has_referrers_api(self, host: str) -> bool | None:
+        """Whether `host` answered the referrers API last time; None until it answered."""
+        return self._referrers_api.get(host)
 
     async def aclose(self) -> None:
         self.failover.closed = True

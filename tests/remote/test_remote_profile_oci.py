@@ -98,3 +98,80 @@ async def test_an_artifact_about_another_subject_is_refused(tmp_path: Path) -> N
         assert json.loads(fake.manifests[("app", digest)][0])["subject"]["digest"] == other
     finally:
         await client.aclose()
+
+
+def _lookups(fake: FakeRegistry) -> list[str]:
+    """What a lookup asked for, in order: referrers / tag / artifact / blob."""
+    kinds = []
+    for seen in fake.requests_to("registry.test", "GET"):
+        path = seen.url.path
+        if "/referrers/" in path:
+            kinds.append("referrers")
+        elif "/blobs/" in path:
+            kinds.append("blob")
+        elif "/manifests/sha256:" in path:
+            kinds.append("artifact")
+        elif "/manifests/" in path:
+            kinds.append("tag" if "/manifests/sha256-" in path else "manifest")
+    return kinds
+
+
+async def test_a_lookup_reads_the_inline_copies_instead_of_fetching_them(registry) -> None:
+    fake, client = registry
+    manifest = _image(fake)
+    raw = _profile(manifest)
+    digest, _ = await push_profile(client, REF, raw)
+    artifact = json.loads(fake.manifests[("app", str(digest))][0])
+    assert fake.has_blob("app", artifact["layers"][0]["digest"])  # stored for other readers
+    fresh = RegistryClient(hosts_dir=None, docker_config=Path("/nonexistent"),
+                           retry=FAST_RETRY, transport=fake.transport())  # fmt: skip
+    try:
+        fake.seen.clear()
+        assert await find_profile(fresh, REF, manifest) == raw
+        # Not knowing yet whether the registry has the referrers API, both are asked at
+        # once; the API's index names the artifact only, the fallback index holds it.
+        if fake.referrers_api:
+            assert sorted(_lookups(fake)) == ["artifact", "referrers", "tag"]
+        else:
+            assert sorted(_lookups(fake)) == ["referrers", "tag"]
+        fake.seen.clear()
+        assert await find_profile(fresh, REF, manifest) == raw
+        assert _lookups(fake) == (["referrers", "artifact"] if fake.referrers_api else ["tag"])
+    finally:
+        await fresh.aclose()
+
+
+@pytest.mark.allow_log_errors
+async def test_a_wrong_inline_copy_is_ignored_and_the_content_fetched(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeRegistry(referrers_api=False)
+    client = RegistryClient(hosts_dir=None, docker_config=tmp_path / "none.json",
+                            retry=FAST_RETRY, transport=fake.transport())  # fmt: skip
+    try:
+        manifest = _image(fake)
+        raw = _profile(manifest)
+        await push_profile(client, REF, raw)
+        index_raw, media_type = fake.manifests[("app", fallback_tag(manifest))]
+        index = json.loads(index_raw)
+        index["manifests"][-1]["data"] = "e30="  # "{}": not the artifact the entry names
+        fake.manifests[("app", fallback_tag(manifest))] = (json.dumps(index).encode(), media_type)
+        fake.seen.clear()
+        assert await find_profile(client, REF, manifest) == raw
+        assert _lookups(fake) == ["tag", "artifact"]  # the artifact's own copy of the blob
+        assert "inline copy ignored, fetching it" in caplog.text
+    finally:
+        await client.aclose()
+
+
+async def test_a_large_profile_is_referenced_not_inline(registry, monkeypatch) -> None:
+    fake, client = registry
+    monkeypatch.setattr("snapshotter.remote.profile_oci.INLINE_BYTES", 64)
+    manifest = _image(fake)
+    raw = _profile(manifest)
+    assert len(raw) > 64
+    digest, _ = await push_profile(client, REF, raw)
+    assert "data" not in json.loads(fake.manifests[("app", str(digest))][0])["layers"][0]
+    fake.seen.clear()
+    assert await find_profile(client, REF, manifest) == raw
+    assert _lookups(fake)[-2:] == ["artifact", "blob"]
