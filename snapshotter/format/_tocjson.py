@@ -112,12 +112,13 @@ def _decode(data: bytes, max_entries: int) -> list[_Entry]:
     """The document's entries, typed and range-checked.
 
     The entries are decoded at once (~0.7 KB each while the parse runs: the worker's
-    memory, or the daemon's when it parses itself). Each must be an object with a "name"
-    or the decoder stops at it, so counting `"name"` bounds that memory before anything
-    is decoded: a hostile document of tiny entries is refused, not allocated.
+    memory, or the daemon's when it parses itself). Each is a JSON object, so the count
+    of "{" bytes bounds how many there can be before anything is decoded: a hostile
+    document of tiny entries is refused, not allocated.
     """
-    if data.count(b'"name"') > max_entries:
-        raise InvalidTOC(f"eStargz toc: over the limit {max_entries} entries")
+    if data.count(b"{") > max_entries + 1:  # the document's own braces, and entries'
+        raise InvalidTOC(f"eStargz toc: over the limit {max_entries} entries "
+                         f"(counting its JSON objects)")  # fmt: skip
     try:
         doc = _DECODER.decode(data)
     except msgspec.ValidationError as exc:
@@ -134,8 +135,9 @@ def _decode(data: bytes, max_entries: int) -> list[_Entry]:
     if doc.version != 1 or type(doc.version) not in (int, bool):
         raise InvalidTOC(f"eStargz toc: unsupported version {doc.version!r}")
     if data.count(b'"entries"') > 1 and _entries_keys(data) > 1:
-        # The decoder keeps the last of repeated keys; readers that keep the first would
-        # see another layer, so a document that repeats "entries" is refused.
+        # The decoder keeps the last of repeated keys, as Go's does (stargz-snapshotter
+        # reads the same entries); no writer repeats it, so it is refused when spelled
+        # out, as it always was. An escaped spelling resolves like Go's reader.
         raise InvalidTOC("eStargz toc: two 'entries' lists")
     return doc.entries
 

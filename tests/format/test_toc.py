@@ -293,6 +293,18 @@ def test_too_many_entries() -> None:
         _parse([{"name": f"d{i}", "type": "dir"} for i in range(3)], max_entries=2)
 
 
+def test_too_many_entries_is_refused_before_decoding_whatever_the_spelling() -> None:
+    """Keys may be escaped ("\\u006eame" is "name"): the bound counts objects, so a
+    document of many tiny entries is refused before any is decoded."""
+    tiny = b'{"\\u006eame": "d%d", "type": "dir"}'
+    doc = b'{"entries": [' + b", ".join(tiny % i for i in range(3)) + b"]}"
+    assert [e.name for e in parse_toc(doc, blob_size=BLOB, toc_offset=TOC_AT).entries] == [
+        "", "d0", "d1", "d2"
+    ]  # fmt: skip
+    with pytest.raises(InvalidTOC, match="over the limit 2 entries"):
+        parse_toc(doc, blob_size=BLOB, toc_offset=TOC_AT, max_entries=2)
+
+
 def test_toc_offset_outside_blob() -> None:
     with pytest.raises(InvalidTOC, match="outside blob"):
         _parse([], blob_size=TOC_AT)
