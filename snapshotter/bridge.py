@@ -382,9 +382,7 @@ class FuseRemoteLayers:
 
     def _fetcher(self, source: LayerSource) -> Callable[[int, int], Awaitable[bytes]]:
         ref = Reference.parse(source.image_ref)
-        return self.hosts.limited(
-            ref.host, partial(self._client.read_blob_range, ref, Digest.parse(source.layer_digest))
-        )
+        return self.hosts.blob_reader(self._client, ref, Digest.parse(source.layer_digest))
 
     async def _one_at_a_time(self, digest: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         lock = self._attaching.setdefault(digest, trio.Lock())

@@ -225,8 +225,7 @@ def _layer_rows(
 def _fetcher(client: RegistryClient, hosts: HostPool) -> Any:
     """Range reads of a layer blob under the per-host request bound (`lazysnap prefetch`,
     profiles fetched ahead, and the lazy layers themselves share it)."""
-    return lambda ref, digest: hosts.limited(
-        ref.host, partial(client.read_blob_range, ref, digest))
+    return partial(hosts.blob_reader, client)
 
 
 def _in_roots(cfg: Config, layer_digest: str) -> bool:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import trio
 
 from snapshotter.digest import Digest
 from snapshotter.errors import LazysnapError, NotFound
@@ -45,7 +46,13 @@ from snapshotter.registry.manifest import (
 from snapshotter.registry.recent import RecentManifests
 from snapshotter.registry.redirects import REDACT_URLS
 from snapshotter.registry.reference import Reference
-from snapshotter.registry.responses import range_body, read_capped, tail_body, verified_manifest
+from snapshotter.registry.responses import (
+    range_body,
+    ranges_body,
+    read_capped,
+    tail_body,
+    verified_manifest,
+)
 from snapshotter.registry.retry import RetryPolicy, parse_retry_after
 from snapshotter.registry.session import Session
 
@@ -96,6 +103,7 @@ class RegistryClient:
         self.redirects = self.session.redirects
         self._recent = RecentManifests()
         self._referrers_api: dict[str, bool] = {}  # host -> answered the referrers API
+        self._multi_range: dict[str, bool] = {}  # host -> answered multi-range requests
         logging.getLogger("httpx").addFilter(REDACT_URLS)  # a set: adding twice keeps one
 
     # -- public API ------------------------------------------------------------------
@@ -154,6 +162,43 @@ class RegistryClient:
             raise RegistryRejected(f"{what}: empty or negative range")
         return await self._ranged(ref, digest, what, f"bytes={start}-{end - 1}",
                                   partial(range_body, start=start, end=end, what=what))  # fmt: skip
+
+    async def read_blob_ranges(
+        self, ref: Reference, digest: Digest, ranges: Sequence[tuple[int, int]]
+    ) -> list[bytes]:
+        """Bytes [start, end) of each of `ranges` (ascending, disjoint), in one request
+        where the server answers multi-range requests (multipart/byteranges, as Go's and
+        most registries' file servers do), else one request per range. A host that once
+        answered with fewer ranges than asked (object stores behind a redirect often do)
+        gets single ranges from then on; a 200 is closed unread."""
+        if len(ranges) == 1 or self._multi_range.get(ref.host) is False:
+            return await self._each_range(ref, digest, ranges)
+        what = f"blob {digest} of {ref.host}/{ref.repository} {len(ranges)} ranges"
+        spec = "bytes=" + ",".join(f"{start}-{end - 1}" for start, end in ranges)
+        got = await self._ranged(ref, digest, what, spec,
+                                 partial(ranges_body, ranges=list(ranges), what=what))  # fmt: skip
+        if any(data is None for data in got):
+            if self._multi_range.get(ref.host) is None:
+                log.info("%s answers one range per request; asking so from now on", ref.host)
+            self._multi_range[ref.host] = False
+            rest = [r for r, data in zip(ranges, got, strict=True) if data is None]
+            fetched = iter(await self._each_range(ref, digest, rest))
+            return [data if data is not None else next(fetched) for data in got]
+        self._multi_range[ref.host] = True
+        return [data for data in got if data is not None]
+
+    async def _each_range(
+        self, ref: Reference, digest: Digest, ranges: Sequence[tuple[int, int]]
+    ) -> list[bytes]:
+        out: list[bytes] = [b""] * len(ranges)
+
+        async def one(i: int, start: int, end: int) -> None:
+            out[i] = await self.read_blob_range(ref, digest, start, end)
+
+        async with trio.open_nursery() as nursery:
+            for i, (start, end) in enumerate(ranges):
+                nursery.start_soon(one, i, start, end)
+        return out
 
     async def read_blob_tail(self, ref: Reference, digest: Digest, n: int) -> tuple[bytes, int]:
         """The last min(n, size) bytes of a blob and its size, in one request (a suffix
@@ -233,6 +278,11 @@ class RegistryClient:
             return response.content
 
         return await self.failover.run(ref.host, "pull", what, op)
+
+    def multi_range(self, host: str) -> bool:
+        """Whether to ask `host` for several ranges in one request: until it answered one
+        with fewer ranges than asked."""
+        return self._multi_range.get(host) is not False
 
     def has_referrers_api(self, host: str) -> bool | None:
         """Whether `host` answered the referrers API last time; None until it answered."""

@@ -16,11 +16,20 @@ from snapshotter.registry.errors import (
 )
 from snapshotter.registry.manifest import Index, Manifest, parse_manifest_or_index
 
-__all__ = ["SMALL_BLOB_TRIM", "range_body", "read_capped", "tail_body", "verified_manifest"]
+__all__ = [
+    "SMALL_BLOB_TRIM",
+    "range_body",
+    "ranges_body",
+    "read_capped",
+    "tail_body",
+    "verified_manifest",
+]
 
 # A server that ignores Range may still be used when the whole blob is this small.
 SMALL_BLOB_TRIM = 1 << 20
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_BOUNDARY = re.compile(r"""boundary=(?:"([^"]+)"|([^;\s]+))""")
+_PART_OVERHEAD = 1024  # boundary and part headers, per part, at most
 
 
 class _TooLarge(Exception):
@@ -112,6 +121,83 @@ async def tail_body(response: httpx.Response, n: int, what: str) -> tuple[bytes,
     if length is not None and length.isdigit() and int(length) != len(data):
         raise ShortRead(f"{what}: got {len(data)} of {length} bytes")
     return data[-n:], len(data)
+
+
+async def ranges_body(
+    response: httpx.Response, ranges: list[tuple[int, int]], what: str
+) -> list[bytes | None]:
+    """The bytes of each of `ranges` ([start, end), ascending, disjoint) that the answer to
+    one multi-range request holds: a multipart/byteranges 206, or a 206 of one range (a
+    server that serves only the first, or merged them all). None for a range the answer
+    does not hold; all None, without reading the body, for a 200 (the server ignored
+    Range: the body may be the whole blob). Parts must match what was asked: a part
+    outside every requested range, or with a body of the wrong length, is ShortRead."""
+    if response.status_code == 200:
+        return [None] * len(ranges)
+    if response.status_code != 206:
+        raise RegistryRejected(f"{what}: unexpected HTTP {response.status_code}")
+    limit = sum(end - start for start, end in ranges) + _PART_OVERHEAD * (len(ranges) + 1)
+    ctype = response.headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/byteranges"):
+        m = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+        if m is None:
+            got = response.headers.get("content-range")
+            raise ShortRead(f"{what}: answered Content-Range {got!r}")
+        first, last = int(m.group(1)), int(m.group(2))
+        if last - first + 1 > limit:
+            raise ShortRead(f"{what}: answered bytes {first}-{last}, more than asked")
+        parts = [(first, await _exactly(response, last - first + 1, what))]
+    else:
+        b = _BOUNDARY.search(ctype)
+        if b is None:
+            raise ShortRead(f"{what}: multipart answer without a boundary")
+        try:
+            body = await _read_at_most(response, limit)
+        except _TooLarge:
+            raise ShortRead(f"{what}: multipart answer larger than asked") from None
+        parts = _parts(body, (b.group(1) or b.group(2)).encode(), what)
+    out: list[bytes | None] = []
+    for start, end in ranges:
+        found = None
+        for first, data in parts:
+            if first <= start and end <= first + len(data):
+                found = data[start - first : end - first]
+                break
+        out.append(found)
+    for first, data in parts:
+        if not any(first < end and start < first + len(data) for start, end in ranges):
+            raise ShortRead(f"{what}: answered bytes {first}-{first + len(data) - 1}, not asked")
+    return out
+
+
+def _parts(body: bytes, boundary: bytes, what: str) -> list[tuple[int, bytes]]:
+    """(first byte, bytes) of each part of a multipart/byteranges body."""
+    delimiter = b"--" + boundary
+    parts = []
+    at = body.find(delimiter)
+    while at >= 0:
+        at += len(delimiter)
+        if body.startswith(b"--", at):
+            return parts  # the closing delimiter
+        head_end = body.find(b"\r\n\r\n", at)
+        if head_end < 0:
+            break
+        headers = body[at:head_end].decode("latin-1").split("\r\n")
+        ranges = [h.split(":", 1)[1].strip() for h in headers
+                  if h.lower().startswith("content-range:")]  # fmt: skip
+        m = _CONTENT_RANGE.match(ranges[0]) if len(ranges) == 1 else None
+        if m is None:
+            raise ShortRead(f"{what}: multipart part without one Content-Range")
+        first, last = int(m.group(1)), int(m.group(2))
+        start = head_end + 4
+        stop = start + last - first + 1
+        if body[stop : stop + 2 + len(delimiter)] != b"\r\n" + delimiter:
+            if len(body) <= stop + 2:
+                break
+            raise ShortRead(f"{what}: multipart part {first}-{last}: not {last - first + 1} bytes")
+        parts.append((first, body[start:stop]))
+        at = stop + 2
+    raise ShortRead(f"{what}: multipart answer cut short")
 
 
 def verified_manifest(

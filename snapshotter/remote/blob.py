@@ -33,7 +33,9 @@ __all__ = [
     "ChunkOutOfRange",
     "DemandGauge",
     "FetchRange",
+    "FetchRanges",
     "Purpose",
+    "RangeReader",
     "RemoteBlob",
     "ShortRead",
 ]
@@ -43,7 +45,15 @@ log = logging.getLogger(__name__)
 FetchRange = Callable[[int, int], Awaitable[bytes]]
 """`await fetch_range(start, end)` -> bytes [start, end) of the blob (end exclusive)."""
 
+FetchRanges = Callable[[Sequence[tuple[int, int]]], Awaitable[list[bytes]]]
+"""`await fetch_ranges([(start, end), ...])` -> the bytes of each range, in one request."""
+
 COALESCE_LIMIT = 16 << 20  # one Range GET never asks for more than this (unless one chunk does)
+# Ranges that do not touch go in one multi-range request up to these bounds: the answer is
+# read whole before any of its chunks is served, so a request stays small (one round trip
+# on a 100 Mbit/s link with 20 ms is ~250 KB) and large ranges keep a request each.
+GROUP_BYTES = 1 << 20
+GROUP_RANGES = 64
 
 Purpose = Literal["demand", "prefetch", "background"]
 """Why a read happens: a reader is waiting, startup prefetch, or background completion."""
@@ -55,6 +65,17 @@ FETCH_PURPOSE: contextvars.ContextVar[Purpose | Literal["toc"]] = contextvars.Co
 pool lets TOC fetches go first, `remote/warm.py`): set around the request by the blob
 (its read's purpose) and by the TOC load ("toc"), so fetch functions keep their
 `(start, end)` signature."""
+
+
+class RangeReader:
+    """A `FetchRange` that can also fetch several ranges of its blob in one request, while
+    `usable()` says the source answers such requests (the registry client learns it)."""
+
+    def __init__(self, one: FetchRange, many: FetchRanges, usable: Callable[[], bool]) -> None:
+        self.one, self.many, self.usable = one, many, usable
+
+    async def __call__(self, start: int, end: int) -> bytes:
+        return await self.one(start, end)
 
 
 class ChunkFetchTimeout(Unavailable):
@@ -157,6 +178,7 @@ class RemoteBlob:
         if blob_size < 0:
             raise InvalidArgument(f"{name}: negative blob size {blob_size}")
         self._fetch_range = fetch_range
+        self._reader = fetch_range if isinstance(fetch_range, RangeReader) else None
         self.cache = cache
         self.blob_size = blob_size
         self.fetch_timeout = fetch_timeout
@@ -240,6 +262,8 @@ class RemoteBlob:
         missing = [c for t, c in unique.items() if digests[t] not in self.cache]
         planned = _plan(missing, self, purpose)
         extra = self._extend(planned[-1], along, unique) if planned and along else []
+        if len(planned) > 1 and self._reader is not None and self._reader.usable():
+            _group(planned)
         ranges = {c.digest: r for r in planned for c in r.chunks}
 
         results: dict[str, bytes] = {}
@@ -353,6 +377,29 @@ class RemoteBlob:
             raise ShortRead(f"{self.name}: range [{start}, {end}) answered with {len(data)} bytes")
         return data
 
+    async def _fetch_many(self, ranges: list[tuple[int, int]], purpose: Purpose) -> list[bytes]:
+        assert self._reader is not None
+        self._fetches += 1
+        self._demand_fetches += purpose == "demand"
+        started = time.perf_counter()
+        token = FETCH_PURPOSE.set(purpose)
+        try:
+            parts = await self._reader.many(ranges)
+        except Exception:
+            metrics.count_fetch_error(purpose)
+            raise
+        finally:
+            FETCH_PURPOSE.reset(token)
+        got = sum(len(p) for p in parts)
+        metrics.observe_fetch(purpose, got, time.perf_counter() - started)
+        self._bytes[purpose] += got
+        for (start, end), data in zip(ranges, parts, strict=True):
+            if len(data) != end - start:
+                raise ShortRead(
+                    f"{self.name}: range [{start}, {end}) answered with {len(data)} bytes"
+                )
+        return parts
+
 
 class _SharedRange:
     """One range request whose bytes feed several chunks; fetched once, on first need."""
@@ -365,6 +412,7 @@ class _SharedRange:
         self.start = start
         self.end = end
         self.chunks = chunks
+        self.group: _RangeGroup | None = None  # fetched with other ranges in one request
         self._done: trio.Event | None = None
         self._data: bytes | None = None
         self._error: BaseException | None = None
@@ -373,7 +421,10 @@ class _SharedRange:
         if self._done is None:
             self._done = trio.Event()
             try:
-                self._data = await self.blob._fetch(self.start, self.end, self.purpose)
+                if self.group is not None:
+                    self._data = await self.group.get(self)
+                else:
+                    self._data = await self.blob._fetch(self.start, self.end, self.purpose)
             except BaseException as exc:
                 self._error = exc
                 raise
@@ -393,6 +444,56 @@ class _SharedRange:
         worker thread that verifies them, off the trio thread that serves FUSE."""
         data = await self._get()
         return data[chunk.offset - self.start : chunk.end - self.start]
+
+
+class _RangeGroup:
+    """Ranges of one read fetched with one multi-range request, on the first need of any."""
+
+    def __init__(self, members: list[_SharedRange]) -> None:
+        self.members = members
+        self._done: trio.Event | None = None
+        self._parts: list[bytes] | None = None
+        self._error: BaseException | None = None
+
+    async def get(self, member: _SharedRange) -> bytes:
+        if self._done is None:
+            self._done = trio.Event()
+            first = self.members[0]
+            try:
+                self._parts = await first.blob._fetch_many(
+                    [(r.start, r.end) for r in self.members], first.purpose
+                )
+            except BaseException as exc:
+                self._error = exc
+                raise
+            finally:
+                self._done.set()
+        else:
+            await self._done.wait()
+        if self._parts is None:
+            cat = category(self._error) if self._error is not None else None
+            raise (cat or Unavailable)(
+                f"{member.blob.name}: ranges with [{member.start}, {member.end}) failed: "
+                f"{self._error}"
+            ) from self._error
+        return self._parts[self.members.index(member)]
+
+
+def _group(ranges: list[_SharedRange]) -> None:
+    """Put ranges (in blob order) that are small together in groups for one request each."""
+    group: list[_SharedRange] = []
+    size = 0
+    for r in [*ranges, None]:
+        n = r.end - r.start if r is not None else 0
+        if r is None or (group and (size + n > GROUP_BYTES or len(group) >= GROUP_RANGES)):
+            if len(group) > 1:
+                shared = _RangeGroup(group)
+                for member in group:
+                    member.group = shared
+            group, size = [], 0
+        if r is not None and n < GROUP_BYTES:
+            group.append(r)
+            size += n
 
 
 def _extract(member: bytes, *, chunk: Chunk, name: str) -> bytes:

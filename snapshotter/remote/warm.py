@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import trio
 
 from snapshotter.errors import LazysnapError
 from snapshotter.format.toc import Toc
-from snapshotter.remote.blob import FETCH_PURPOSE, DemandGauge, RemoteBlob
+from snapshotter.remote.blob import FETCH_PURPOSE, DemandGauge, RangeReader, RemoteBlob
 from snapshotter.remote.prefetch import (
     BACKGROUND_BATCH,
     PrefetchPlan,
@@ -25,6 +26,11 @@ from snapshotter.remote.prefetch import (
     prefetch,
 )
 from snapshotter.remote.taskhost import TaskHost
+
+if TYPE_CHECKING:
+    from snapshotter.digest import Digest
+    from snapshotter.registry.client import RegistryClient
+    from snapshotter.registry.reference import Reference
 
 __all__ = ["HostPool", "WarmHooks", "WarmPolicy", "Warmer"]
 
@@ -112,6 +118,15 @@ class HostPool:
                         state.no_tocs = trio.Event()
 
         return fetch_range
+
+    def blob_reader(self, client: RegistryClient, ref: Reference, digest: Digest) -> RangeReader:
+        """Range reads of one blob within `ref.host`'s bound: one range, or several in one
+        request while the registry answers those."""
+        return RangeReader(
+            self.limited(ref.host, partial(client.read_blob_range, ref, digest)),
+            self.limited(ref.host, partial(client.read_blob_ranges, ref, digest)),
+            partial(client.multi_range, ref.host),
+        )
 
 
 class Warmer(TaskHost):

@@ -47,6 +47,9 @@ class FakeRegistry:
     token_lifetime: int = 300
     redirect_blobs: bool = False
     referrers_api: bool = False  # serve GET /v2/<repo>/referrers/<digest> (OCI 1.1)
+    # a Range of several ranges: "multipart" (multipart/byteranges, as Go's file server),
+    # "first" (a 206 of the first range only) or "ignore" (200, the whole blob)
+    multi_range: str = "multipart"
     storage_expired: bool = False
     seen: list[Seen] = field(default_factory=list)
     _scripts: dict[str, list[object]] = field(default_factory=lambda: defaultdict(list))
@@ -186,7 +189,7 @@ class FakeRegistry:
             if self.redirect_blobs:
                 where = f"https://{STORAGE_HOST}/store/{digest}?X-Sig=secret-signature"
                 return httpx.Response(307, headers={"Location": where})
-            return _serve(request, self.blobs[digest], ignore_range)
+            return _serve(request, self.blobs[digest], ignore_range, self.multi_range)
         return httpx.Response(404)
 
     def _storage(self, request: httpx.Request, ignore_range: bool) -> httpx.Response:
@@ -195,7 +198,7 @@ class FakeRegistry:
         digest = request.url.path.rpartition("/")[2]
         if digest not in self.blobs:
             return httpx.Response(404)
-        return _serve(request, self.blobs[digest], ignore_range)
+        return _serve(request, self.blobs[digest], ignore_range, self.multi_range)
 
     def _manifest(self, request: httpx.Request, repo: str, ref: str, body: bytes):
         if request.method == "PUT":
@@ -274,12 +277,27 @@ def _grants(scopes: str | None, repo: str, action: str) -> bool:
     return False
 
 
-def _serve(request: httpx.Request, data: bytes, ignore_range: bool) -> httpx.Response:
+def _serve(
+    request: httpx.Request, data: bytes, ignore_range: bool, multi_range: str = "multipart"
+) -> httpx.Response:
     if request.method == "HEAD":
         return httpx.Response(200, headers={"Content-Length": str(len(data))})
     header = request.headers.get("range", "")
     if ignore_range:
         return httpx.Response(200, content=data)
+    if re.match(r"^bytes=\d+-\d+(,\d+-\d+)+$", header) and multi_range != "ignore":
+        spans = [tuple(map(int, r.split("-"))) for r in header[6:].split(",")]
+        if multi_range == "first":
+            header = f"bytes={spans[0][0]}-{spans[0][1]}"
+        else:
+            body = b""
+            for first, last in spans:
+                body += (b"--FAKEBOUNDARY\r\nContent-Type: application/octet-stream\r\n"
+                         b"Content-Range: bytes %d-%d/%d\r\n\r\n" % (first, last, len(data))
+                         + data[first : last + 1] + b"\r\n")  # fmt: skip
+            body += b"--FAKEBOUNDARY--\r\n"
+            ctype = "multipart/byteranges; boundary=FAKEBOUNDARY"
+            return httpx.Response(206, headers={"Content-Type": ctype}, content=body)
     if m := re.match(r"^bytes=(\d+)-(\d+)$", header):
         start, last = int(m.group(1)), min(int(m.group(2)), len(data) - 1)
     elif m := re.match(r"^bytes=-(\d+)$", header):  # the last n bytes (RFC 9110 14.1.1)

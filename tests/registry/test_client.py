@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -417,3 +418,83 @@ async def test_closed_client(make_client: MakeClient) -> None:
     await client.aclose()  # idempotent
     with pytest.raises(ClosedError):
         await client.get_manifest(REF)
+
+
+# --- several ranges in one request --------------------------------------------------------
+
+SPANS = [(0, 10), (100, 150), (4000, 5000)]
+
+
+def _asked(fake: FakeRegistry) -> list[str]:
+    return [s.headers["range"] for s in fake.seen if "range" in s.headers]
+
+
+async def test_ranges_come_in_one_multipart_request(
+    fake: FakeRegistry, make_client: MakeClient
+) -> None:
+    digest = Digest.parse(fake.add_blob(DATA))
+    client = make_client()
+    assert await client.read_blob_ranges(REF, digest, SPANS) == [DATA[a:b] for a, b in SPANS]
+    assert _asked(fake) == ["bytes=0-9,100-149,4000-4999"]
+    assert client.multi_range(REF.host)
+
+
+@pytest.mark.parametrize("answer", ["first", "ignore"])
+async def test_a_server_without_multi_range_gets_single_ranges_from_then_on(
+    fake: FakeRegistry, make_client: MakeClient, answer: str
+) -> None:
+    fake.multi_range = answer
+    digest = Digest.parse(fake.add_blob(DATA))
+    client = make_client()
+    want = [DATA[a:b] for a, b in SPANS]
+    assert await client.read_blob_ranges(REF, digest, SPANS) == want
+    first = ["bytes=0-9"] if answer == "first" else []  # what the 206 held is used
+    assert sorted(_asked(fake)[1:]) == sorted([*(
+        f"bytes={a}-{b - 1}" for a, b in SPANS if f"bytes={a}-{b - 1}" not in first)])
+    assert not client.multi_range(REF.host)
+    fake.seen.clear()
+    assert await client.read_blob_ranges(REF, digest, SPANS) == want
+    assert sorted(_asked(fake)) == sorted(f"bytes={a}-{b - 1}" for a, b in SPANS)
+
+
+def _multipart(parts: list[tuple[int, int, bytes]], total: int) -> bytes:
+    body = b""
+    for first, last, data in parts:
+        body += (b"--XB\r\nContent-Range: bytes %d-%d/%d\r\n\r\n" % (first, last, total)
+                 + data + b"\r\n")  # fmt: skip
+    return body + b"--XB--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("parts", "error"),
+    [
+        ([(0, 9, DATA[:10]), (100, 149, DATA[100:150]), (200, 209, DATA[200:210])], "not asked"),
+        ([(0, 9, DATA[:10]), (100, 149, DATA[100:149])], "not 50 bytes"),
+        ([(0, 9, DATA[:10])], "cut short"),
+    ],
+    ids=["part-not-asked", "part-short", "no-closing-delimiter"],
+)
+async def test_a_wrong_multipart_answer_is_refused(
+    parts: list[tuple[int, int, bytes]], error: str
+) -> None:
+    from snapshotter.registry.responses import ranges_body
+
+    body = _multipart(parts, len(DATA))
+    if error == "cut short":
+        body = body[: -len(b"--XB--\r\n")]
+    response = httpx.Response(
+        206, content=body, headers={"Content-Type": "multipart/byteranges; boundary=XB"}
+    )
+    with pytest.raises(ShortRead, match=error):
+        await ranges_body(response, [(0, 10), (100, 150)], "test")
+
+
+async def test_merged_and_reordered_parts_are_sliced() -> None:
+    from snapshotter.registry.responses import ranges_body
+
+    body = _multipart([(100, 199, DATA[100:200]), (0, 19, DATA[:20])], len(DATA))
+    response = httpx.Response(
+        206, content=body, headers={"Content-Type": 'multipart/byteranges; boundary="XB"'}
+    )
+    got = await ranges_body(response, [(0, 10), (100, 150), (160, 200), (500, 510)], "test")
+    assert got == [DATA[:10], DATA[100:150], DATA[160:200], None]

@@ -319,3 +319,79 @@ async def test_a_bad_neighbour_costs_a_log_line_not_the_read(cache, fake_source)
     assert await blob.read_chunks([chunks[0]], along=[chunks[1], bad]) == [pieces[0]]
     assert Digest.parse(chunks[1].digest) in cache
     assert Digest.parse(bad.digest) not in cache
+
+
+# --- several ranges in one request ------------------------------------------------------
+
+
+def _reader_blob(source, many, usable, cache: ChunkCache) -> RemoteBlob:  # type: ignore[no-untyped-def]
+    reader = blob_module.RangeReader(source, many, usable)
+    return RemoteBlob(reader, cache, blob_size=len(source.blob), name="blob-under-test")
+
+
+class _Many:
+    """The `many` of a RangeReader over a FakeSource, counting its calls."""
+
+    def __init__(self, source, fail: Exception | None = None) -> None:  # type: ignore[no-untyped-def]
+        self.source, self.fail = source, fail
+        self.calls: list[list[tuple[int, int]]] = []
+
+    async def __call__(self, ranges) -> list[bytes]:  # type: ignore[no-untyped-def]
+        self.calls.append(list(ranges))
+        await trio.sleep(0)
+        if self.fail is not None:
+            raise self.fail
+        return [self.source.blob[a:b] for a, b in ranges]
+
+
+async def test_ranges_that_do_not_touch_share_one_request(cache, fake_source) -> None:
+    pieces = _pieces(7)
+    data, chunks = _layout([[p] for p in pieces])
+    source = fake_source(data)
+    many = _Many(source)
+    blob = _reader_blob(source, many, lambda: True, cache)
+    wanted = [chunks[0], chunks[2], chunks[3], chunks[6]]  # 2 and 3 touch: one range
+    assert await blob.read_chunks(wanted) == [pieces[0], pieces[2], pieces[3], pieces[6]]
+    assert source.calls == []
+    assert many.calls == [[(chunks[0].offset, chunks[0].end), (chunks[2].offset, chunks[3].end),
+                           (chunks[6].offset, chunks[6].end)]]  # fmt: skip
+    st = blob.statistics()
+    assert (st.fetches, st.chunks_fetched) == (1, 4)
+    assert st.bytes_fetched == sum(b - a for a, b in many.calls[0])
+
+
+async def test_multi_range_groups_stay_small_and_off_when_unusable(
+    cache, fake_source, monkeypatch
+) -> None:
+    pieces = _pieces(9)
+    data, chunks = _layout([[p] for p in pieces])
+    source = fake_source(data)
+    many = _Many(source)
+    monkeypatch.setattr(blob_module, "GROUP_RANGES", 2)
+    blob = _reader_blob(source, many, lambda: True, cache)
+    await blob.read_chunks([chunks[i] for i in (0, 2, 4, 6, 8)])
+    assert [len(c) for c in many.calls] == [2, 2]  # and the last range alone
+    assert source.calls == [(chunks[8].offset, chunks[8].end)]
+    usable = False
+    other = _reader_blob(source, many, lambda: usable,
+                         ChunkCache(cache.root.parent / "other", 1 << 30))  # fmt: skip
+    source.calls.clear()
+    await other.read_chunks([chunks[i] for i in (1, 3, 5)])
+    assert len(many.calls) == 2  # not asked again
+    assert sorted(source.calls) == [(chunks[i].offset, chunks[i].end) for i in (1, 3, 5)]
+
+
+async def test_a_failed_multi_range_request_fails_its_chunks_and_keeps_nothing(
+    cache, fake_source
+) -> None:
+    pieces = _pieces(5)
+    data, chunks = _layout([[p] for p in pieces])
+    source = fake_source(data)
+    many = _Many(source, fail=Unavailable("registry went away"))
+    blob = _reader_blob(source, many, lambda: True, cache)
+    with pytest.raises(Unavailable, match="went away"):
+        await blob.read_chunks([chunks[0], chunks[2], chunks[4]])
+    assert not any(Digest.parse(c.digest) in cache for c in chunks)
+    many.fail = None
+    assert await blob.read_chunks([chunks[0], chunks[2]]) == [pieces[0], pieces[2]]
+    assert len(many.calls) == 2

@@ -142,7 +142,7 @@ async def test_a_cancelled_parse_kills_the_worker_and_the_next_parse_works(
     parser: TocParser, layer, tmp_path: Path
 ) -> None:
     # Large enough that the worker is still parsing when the caller gives up.
-    dirs = ",".join(f'{{"name": "d{i}", "type": "dir"}}' for i in range(60_000))
+    dirs = ",".join(f'{{"name": "d{i}", "type": "dir"}}' for i in range(250_000))
     doc = f'{{"version": 1, "entries": [{dirs}]}}'.encode()
     store = TocStore(tmp_path)
     await _add(parser, store, layer)  # the worker is up
@@ -150,7 +150,7 @@ async def test_a_cancelled_parse_kills_the_worker_and_the_next_parse_works(
     assert first is not None
     with trio.move_on_after(0.3) as scope:
         await parser.add(store, Digest.of(doc), _member(doc), 100, blob_size=1000,
-                         max_size=1 << 24, max_entries=100_000)  # fmt: skip
+                         max_size=1 << 24, max_entries=300_000)  # fmt: skip
     assert scope.cancelled_caught
     with trio.fail_after(10):
         while parser._proc is None or parser._proc is first:
