@@ -175,8 +175,17 @@ class RegistryClient:
             return await self._each_range(ref, digest, ranges)
         what = f"blob {digest} of {ref.host}/{ref.repository} {len(ranges)} ranges"
         spec = "bytes=" + ",".join(f"{start}-{end - 1}" for start, end in ranges)
-        got = await self._ranged(ref, digest, what, spec,
-                                 partial(ranges_body, ranges=list(ranges), what=what))  # fmt: skip
+        try:
+            got: list[bytes | None] = await self._ranged(
+                ref, digest, what, spec, partial(ranges_body, ranges=list(ranges), what=what)
+            )
+        except (RegistryRejected, ShortRead) as exc:
+            if self._multi_range.get(ref.host) is not None:
+                raise
+            # A first multi-range answer that is refused (416, 400) or garbled says the
+            # server does not do them; single ranges say whether the blob is fine.
+            log.info("%s: multi-range request failed (%s); asking single ranges", what, exc)
+            got = [None] * len(ranges)
         if any(data is None for data in got):
             if self._multi_range.get(ref.host) is None:
                 log.info("%s answers one range per request; asking so from now on", ref.host)

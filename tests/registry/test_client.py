@@ -18,6 +18,7 @@ from snapshotter.registry.errors import (
     ManifestNotFound,
     PlatformNotFound,
     RangeNotSupported,
+    RegistryRejected,
     RegistryUnavailable,
     ShortRead,
     Unauthorized,
@@ -498,3 +499,19 @@ async def test_merged_and_reordered_parts_are_sliced() -> None:
     )
     got = await ranges_body(response, [(0, 10), (100, 150), (160, 200), (500, 510)], "test")
     assert got == [DATA[:10], DATA[100:150], DATA[160:200], None]
+
+
+async def test_a_refused_first_multi_range_request_falls_back_to_single_ranges(
+    fake: FakeRegistry, make_client: MakeClient
+) -> None:
+    digest = Digest.parse(fake.add_blob(DATA))
+    fake.script(blob_path(str(digest)), [416])
+    client = make_client()
+    assert await client.read_blob_ranges(REF, digest, SPANS) == [DATA[a:b] for a, b in SPANS]
+    assert not client.multi_range(REF.host)
+    # Once the host is known to answer them, a refusal is an error like any other.
+    other = make_client()
+    await other.read_blob_ranges(REF, digest, SPANS)
+    fake.script(blob_path(str(digest)), [416])
+    with pytest.raises(RegistryRejected):
+        await other.read_blob_ranges(REF, digest, SPANS)
