@@ -257,7 +257,7 @@ def _toc_json_pieces(member: TocSource, origin: int, max_size: int) -> Iterator[
 
 
 def read_toc_json(member: bytes, *, max_size: int) -> bytes:
-    """The TOC JSON of `toc_json_pieces` in one piece (for tools; the daemon streams)."""
+    """The TOC JSON of `toc_json_pieces` in one piece."""
     # BytesIO hands its buffer over: no second copy of a JSON of tens of MB.
     out = io.BytesIO()
     for piece in toc_json_pieces(member, max_size=max_size):
