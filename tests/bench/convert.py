@@ -57,8 +57,7 @@ class CtrRemoteConverter:
                 "--estargz-compression-level", str(self.level), src, dst,
                 tool="ctr-remote", timeout=_TIMEOUT,
             )
-            stack.containerd.ctr("images", "push", "--plain-http", dst, tool="ctr-remote",
-                                 timeout=_TIMEOUT)
+            stack.push(dst, timeout=_TIMEOUT)
 
 
 class CommandConverter:

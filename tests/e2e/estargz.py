@@ -76,7 +76,7 @@ def convert_and_push(
             dst,
             tool="ctr-remote",
         )
-        stack.containerd.ctr("images", "push", "--plain-http", dst, tool="ctr-remote")
+        stack.push(dst)
     resp = httpx.get(
         f"{registry.url}/v2/{repo}/manifests/{dst_tag}",
         headers={"Accept": MEDIA_MANIFEST},

@@ -66,6 +66,23 @@ class Stack:
             tool=tool,
         ).stdout
 
+    def push(
+        self, ref: str, tool: str = "ctr-remote", attempts: int = 3, timeout: float = 600.0
+    ) -> None:
+        """`images push --plain-http`, again on containerd's "unexpected EOF": seen once in
+        CI right after a `ctr-remote` conversion (the content read back cut short), where
+        the same push a moment later succeeds; anything else fails at once."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self.containerd.ctr("images", "push", "--plain-http", ref, tool=tool,
+                                    timeout=timeout)
+                return
+            except ContainerdError as exc:
+                if "unexpected EOF" not in str(exc) or attempt == attempts:
+                    raise
+                print(f"push {ref}: unexpected EOF (attempt {attempt}); pushing again")
+                time.sleep(1)
+
     def run(self, ref: str, cid: str, *cmd: str, rm: bool = True, detach: bool = False) -> str:
         args = ["run", "--snapshotter", self.snapshotter]
         args += ["--rm"] if rm else []

@@ -57,7 +57,7 @@ def optimized(
             "--entrypoint", '["/bin/sh", "-c"]', "--args", json.dumps([WORKLOAD]),
             src, dst, tool="ctr-remote",
         )
-        stack.containerd.ctr("images", "push", "--plain-http", dst, tool="ctr-remote")
+        stack.push(dst)
     resp = httpx.get(f"{registry.url}/v2/e2e/prefetch/manifests/opt",
                      headers={"Accept": MEDIA_MANIFEST}, timeout=30)
     resp.raise_for_status()
