@@ -360,31 +360,27 @@ class RemoteBlob:
             )
 
     async def _fetch(self, start: int, end: int, purpose: Purpose) -> bytes:
-        self._fetches += 1
-        self._demand_fetches += purpose == "demand"
-        started = time.perf_counter()
-        token = FETCH_PURPOSE.set(purpose)
-        try:
-            data = await self._fetch_range(start, end)
-        except Exception:
-            metrics.count_fetch_error(purpose)
-            raise
-        finally:
-            FETCH_PURPOSE.reset(token)
-        metrics.observe_fetch(purpose, len(data), time.perf_counter() - started)
-        self._bytes[purpose] += len(data)
-        if len(data) != end - start:
-            raise ShortRead(f"{self.name}: range [{start}, {end}) answered with {len(data)} bytes")
-        return data
+        async def one() -> list[bytes]:
+            return [await self._fetch_range(start, end)]
+
+        return (await self._request([(start, end)], purpose, one))[0]
 
     async def _fetch_many(self, ranges: list[tuple[int, int]], purpose: Purpose) -> list[bytes]:
         assert self._reader is not None
+        return await self._request(ranges, purpose, functools.partial(self._reader.many, ranges))
+
+    async def _request(
+        self, ranges: list[tuple[int, int]], purpose: Purpose,
+        fetch: Callable[[], Awaitable[list[bytes]]],
+    ) -> list[bytes]:  # fmt: skip
+        """One request for `ranges`, counted, timed and checked: each answer must be
+        exactly its range's length (ShortRead otherwise)."""
         self._fetches += 1
         self._demand_fetches += purpose == "demand"
         started = time.perf_counter()
         token = FETCH_PURPOSE.set(purpose)
         try:
-            parts = await self._reader.many(ranges)
+            parts = await fetch()
         except Exception:
             metrics.count_fetch_error(purpose)
             raise
