@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,8 +39,12 @@ class Failover:
     `retry`; NotFound, Unavailable and PermissionDenied move on to the next, and the
     last endpoint's error is raised. Each attempt is bounded by `timeout` seconds
     (or, with `bounded=False`, only per read: whole-blob transfers).
-    An HTTPS endpoint marked `http_fallback` that meets a plain-HTTP server is switched
-    to HTTP for good.
+    An HTTPS endpoint marked `http_fallback` (a loopback registry without hosts.toml)
+    is asked over HTTPS and plain HTTP at once by its first idempotent request: the
+    scheme that answers stays (a plain-HTTP server otherwise costs a failed TLS handshake
+    and a new connection, ~4 round trips, on the first Prepare's path); requests that
+    must not run twice probe HTTPS first, and switch to HTTP if the server does not speak
+    TLS.
     """
 
     def __init__(
@@ -81,7 +86,7 @@ class Failover:
         for i in live:
 
             async def attempt(i: int = i) -> T:
-                return await self._attempt(host, i, op, what, limit)
+                return await self._attempt(host, i, op, what, limit, race=idempotent)
 
             try:
                 return await with_retries(self._retry, attempt, what=what, idempotent=idempotent)
@@ -93,9 +98,13 @@ class Failover:
         assert last is not None
         raise last
 
-    async def _attempt(self, host: str, index: int, op: Op[T], what: str, limit: float | None) -> T:
+    async def _attempt(
+        self, host: str, index: int, op: Op[T], what: str, limit: float | None, *, race: bool
+    ) -> T:
         ep = self._endpoints[host][index]
         with trio.move_on_after(limit if limit is not None else float("inf")):
+            if race and ep.http_fallback:
+                return await self._race(host, index, op, what)
             while True:
                 try:
                     return await op(ep)
@@ -112,3 +121,42 @@ class Failover:
                 log.debug("%s does not speak TLS; using http://%s", ep.describe(), ep.netloc)
                 ep = self._endpoints[host][index] = ep.as_plain_http()
         raise RegistryUnavailable(f"{what}: no answer from {ep.describe()} within {limit:g}s")
+
+    async def _race(self, host: str, index: int, op: Op[T], what: str) -> T:
+        """`op` over HTTPS and plain HTTP at once; the first answer wins and fixes the
+        endpoint's scheme. A TLS server refuses the plain request (400), a plain server
+        fails the handshake: only one can answer."""
+        tls = self._endpoints[host][index]
+        plain = tls.as_plain_http()
+        answers: dict[str, T] = {}
+        errors: dict[str, LazysnapError] = {}
+        answered: set[str] = set()  # arms whose server answered in HTTP, if with an error
+
+        async def arm(name: str, ep: Endpoint, nursery: trio.Nursery) -> None:
+            try:
+                answers[name] = await op(ep)
+            except httpx.HTTPError as exc:
+                errors[name] = self._translate(exc, ep, what)
+            except LazysnapError as exc:
+                errors[name] = exc
+                answered.add(name)
+            else:
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(arm, "tls", tls, nursery)
+            nursery.start_soon(arm, "plain", plain, nursery)
+        if "tls" in answers or "tls" in answered:  # it speaks TLS: no more plain requests
+            self._endpoints[host][index] = replace(tls, http_fallback=False)
+        if "tls" in answers:
+            return answers["tls"]
+        error = errors.get("tls")  # none when the plain answer cancelled it
+        plain_server = isinstance(error, RegistryUnavailable) and error.tls_mismatch
+        if "tls" not in answered and ("plain" in answers or plain_server):
+            log.debug("%s does not speak TLS; using http://%s", tls.describe(), tls.netloc)
+            self._endpoints[host][index] = plain
+            if "plain" in answers:
+                return answers["plain"]
+            raise errors["plain"]
+        assert error is not None
+        raise error

@@ -50,6 +50,9 @@ class FakeRegistry:
     # a Range of several ranges: "multipart" (multipart/byteranges, as Go's file server),
     # "first" (a 206 of the first range only) or "ignore" (200, the whole blob)
     multi_range: str = "multipart"
+    # "host:port" -> the one scheme its server speaks: HTTPS to a plain server fails the
+    # handshake, plain HTTP to a TLS server gets Go's 400
+    speaks: dict[str, str] = field(default_factory=dict)
     storage_expired: bool = False
     seen: list[Seen] = field(default_factory=list)
     _scripts: dict[str, list[object]] = field(default_factory=lambda: defaultdict(list))
@@ -97,6 +100,14 @@ class FakeRegistry:
     def handle(self, request: httpx.Request) -> httpx.Response:
         body = request.read()
         self.seen.append(Seen(request.method, request.url, httpx.Headers(request.headers), body))
+        speaks = self.speaks.get(f"{request.url.host}:{request.url.port}")
+        if speaks == "http" and request.url.scheme == "https":
+            try:
+                raise ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+            except ssl.SSLError:
+                raise httpx.ConnectError("", request=request) from None
+        if speaks == "https" and request.url.scheme == "http":
+            return httpx.Response(400, text="Client sent an HTTP request to an HTTPS server.\n")
         script = self._scripts.get(request.url.path)
         step = script.pop(0) if script else "ok"
         if step == "connect":
