@@ -343,46 +343,49 @@ async def test_mirror_failover(fake: FakeRegistry, make_client: MakeClient, tmp_
     assert [s.url.host for s in fake.seen] == ["registry.test"]
 
 
+LOOPBACK = Reference.parse("127.0.0.1:5000/team/app:v1")
+
+
+def _loopback(fake: FakeRegistry, make_client: MakeClient, tmp_path: Path, speaks: str):  # type: ignore[no-untyped-def]
+    """A client for a loopback registry that speaks only `speaks`, without hosts.toml."""
+    fake.speaks["127.0.0.1:5000"] = speaks
+    return make_client(hosts_dir=tmp_path)
+
+
 @pytest.mark.parametrize("speaks", ["http", "https"])
 async def test_a_loopback_registry_is_asked_both_ways_once_and_then_its_own(
     fake: FakeRegistry, make_client: MakeClient, tmp_path: Path, speaks: str
 ) -> None:
     digest = Digest.parse(fake.add_blob(DATA))
-    ref = Reference.parse("127.0.0.1:5000/team/app:v1")
-    fake.speaks["127.0.0.1:5000"] = speaks
-    client = make_client(hosts_dir=tmp_path)
-    assert await client.read_blob_range(ref, digest, 0, 4) == DATA[:4]
+    client = _loopback(fake, make_client, tmp_path, speaks)
+    assert await client.read_blob_range(LOOPBACK, digest, 0, 4) == DATA[:4]
     # Both at once: the answer can cancel the other before it is sent (the mock answers
     # at once), so each scheme is asked at most once, and the server's is among them.
     first = [s.url.scheme for s in fake.seen]
     assert speaks in first and sorted(set(first)) == sorted(first)
     fake.seen.clear()
-    assert await client.read_blob_range(ref, digest, 4, 8) == DATA[4:8]
+    assert await client.read_blob_range(LOOPBACK, digest, 4, 8) == DATA[4:8]
     assert {s.url.scheme for s in fake.seen} == {speaks}
 
 
 async def test_a_tls_registry_that_answers_with_an_error_is_asked_tls_only_after(
     fake: FakeRegistry, make_client: MakeClient, tmp_path: Path
 ) -> None:
-    ref = Reference.parse("127.0.0.1:5000/team/app:v1")
-    fake.speaks["127.0.0.1:5000"] = "https"
-    client = make_client(hosts_dir=tmp_path)
+    client = _loopback(fake, make_client, tmp_path, "https")
     with pytest.raises(BlobNotFound):
-        await client.read_blob_range(ref, Digest.of(b"absent"), 0, 4)
+        await client.read_blob_range(LOOPBACK, Digest.of(b"absent"), 0, 4)
     fake.seen.clear()
     digest = Digest.parse(fake.add_blob(DATA))
-    assert await client.read_blob_range(ref, digest, 0, 4) == DATA[:4]
+    assert await client.read_blob_range(LOOPBACK, digest, 0, 4) == DATA[:4]
     assert [s.url.scheme for s in fake.seen] == ["https"]
 
 
 async def test_a_push_to_a_loopback_registry_probes_tls_first_and_runs_once(
     fake: FakeRegistry, make_client: MakeClient, tmp_path: Path
 ) -> None:
-    ref = Reference.parse("127.0.0.1:5000/team/app:v1")
-    fake.speaks["127.0.0.1:5000"] = "http"
-    client = make_client(hosts_dir=tmp_path)
+    client = _loopback(fake, make_client, tmp_path, "http")
     data = b"pushed once"
-    await client.push_blob(ref, data, Digest.of(data))
+    await client.push_blob(LOOPBACK, data, Digest.of(data))
     posts = [s for s in fake.seen if s.method in ("POST", "PUT", "PATCH")]
     assert posts and {s.url.scheme for s in posts} == {"http"}
     assert fake.has_blob("team/app", str(Digest.of(data)))
