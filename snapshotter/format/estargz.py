@@ -256,7 +256,7 @@ def _toc_json_pieces(member: TocSource, origin: int, max_size: int) -> Iterator[
         raise DataLoss(f"{what}: {TOC_NAME} truncated at {n} of {info.size} bytes")
 
 
-def read_toc_json(member: bytes, *, max_size: int) -> bytes:
+def read_toc_json(member: TocSource, *, max_size: int) -> bytes:
     """The TOC JSON of `toc_json_pieces` in one piece."""
     # BytesIO hands its buffer over: no second copy of a JSON of tens of MB.
     out = io.BytesIO()
@@ -279,19 +279,13 @@ def parse_toc_member(
     `toc_digest` before it is parsed: unverified JSON is never decoded, and a wrong digest
     is DataLoss (the bytes are not the TOC the layer names) whatever they hold.
 
-    The JSON is inflated, hashed and gathered in one pass, then decoded at once: a
-    large TOC's JSON (a few times the member's size) is held during the parse.
+    The JSON is gathered whole (`read_toc_json`), then hashed and decoded: a large TOC's
+    JSON (a few times the member's size) is held during the parse.
     """
-    verifier = toc_digest.verifier() if toc_digest is not None else None
-    out = io.BytesIO()  # hands its buffer over: no second copy of the JSON
-    for piece in toc_json_pieces(member, max_size=max_size):
-        if verifier is not None:
-            verifier.update(piece)
-        out.write(piece)
-    if verifier is not None:
-        verifier.verify(what)
-    return parse_toc(out.getvalue(), blob_size=blob_size, toc_offset=toc_offset,
-                     max_entries=max_entries)  # fmt: skip
+    data = read_toc_json(member, max_size=max_size)
+    if toc_digest is not None:
+        toc_digest.check(data, what)
+    return parse_toc(data, blob_size=blob_size, toc_offset=toc_offset, max_entries=max_entries)
 
 
 def extract_chunk(compressed: bytes, chunk: Chunk) -> bytes:
