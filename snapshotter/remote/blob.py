@@ -15,7 +15,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import trio
 
@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FetchRange = Callable[[int, int], Awaitable[bytes]]
 """`await fetch_range(start, end)` -> bytes [start, end) of the blob (end exclusive)."""
@@ -397,6 +398,35 @@ class RemoteBlob:
         return parts
 
 
+class _Once(Generic[T]):
+    """A fetch made on the first need and shared: later callers wait for its result, or
+    get its failure as its error category (Unavailable when it has none)."""
+
+    def __init__(self) -> None:
+        self._done: trio.Event | None = None
+        self._ok = False
+        self._result: T | None = None
+        self._error: BaseException | None = None
+
+    async def get(self, fetch: Callable[[], Awaitable[T]], failed: str) -> T:
+        if self._done is None:
+            self._done = trio.Event()
+            try:
+                self._result = await fetch()
+                self._ok = True
+            except BaseException as exc:
+                self._error = exc
+                raise
+            finally:
+                self._done.set()
+        else:
+            await self._done.wait()
+        if not self._ok:
+            cat = category(self._error) if self._error is not None else None
+            raise (cat or Unavailable)(f"{failed}: {self._error}") from self._error
+        return self._result  # type: ignore[return-value]
+
+
 class _SharedRange:
     """One range request whose bytes feed several chunks; fetched once, on first need."""
 
@@ -409,36 +439,18 @@ class _SharedRange:
         self.end = end
         self.chunks = chunks
         self.group: _RangeGroup | None = None  # fetched with other ranges in one request
-        self._done: trio.Event | None = None
-        self._data: bytes | None = None
-        self._error: BaseException | None = None
+        self._once: _Once[bytes] = _Once()
 
-    async def _get(self) -> bytes:
-        if self._done is None:
-            self._done = trio.Event()
-            try:
-                if self.group is not None:
-                    self._data = await self.group.get(self)
-                else:
-                    self._data = await self.blob._fetch(self.start, self.end, self.purpose)
-            except BaseException as exc:
-                self._error = exc
-                raise
-            finally:
-                self._done.set()
-            return self._data
-        await self._done.wait()
-        if self._data is None:
-            cat = category(self._error) if self._error is not None else None
-            raise (cat or Unavailable)(
-                f"{self.blob.name}: range [{self.start}, {self.end}) failed: {self._error}"
-            ) from self._error
-        return self._data
+    async def _fetch(self) -> bytes:
+        if self.group is not None:
+            return await self.group.get(self)
+        return await self.blob._fetch(self.start, self.end, self.purpose)
 
     async def member(self, chunk: Chunk) -> bytes:
         """The compressed bytes of `chunk`; the cache inflates them (`_extract`) in the
         worker thread that verifies them, off the trio thread that serves FUSE."""
-        data = await self._get()
+        failed = f"{self.blob.name}: range [{self.start}, {self.end}) failed"
+        data = await self._once.get(self._fetch, failed)
         return data[chunk.offset - self.start : chunk.end - self.start]
 
 
@@ -447,49 +459,39 @@ class _RangeGroup:
 
     def __init__(self, members: list[_SharedRange]) -> None:
         self.members = members
-        self._done: trio.Event | None = None
-        self._parts: list[bytes] | None = None
-        self._error: BaseException | None = None
+        self._once: _Once[list[bytes]] = _Once()
 
     async def get(self, member: _SharedRange) -> bytes:
-        if self._done is None:
-            self._done = trio.Event()
-            first = self.members[0]
-            try:
-                self._parts = await first.blob._fetch_many(
-                    [(r.start, r.end) for r in self.members], first.purpose
-                )
-            except BaseException as exc:
-                self._error = exc
-                raise
-            finally:
-                self._done.set()
-        else:
-            await self._done.wait()
-        if self._parts is None:
-            cat = category(self._error) if self._error is not None else None
-            raise (cat or Unavailable)(
-                f"{member.blob.name}: ranges with [{member.start}, {member.end}) failed: "
-                f"{self._error}"
-            ) from self._error
-        return self._parts[self.members.index(member)]
+        first = self.members[0]
+        ranges = [(r.start, r.end) for r in self.members]
+        failed = f"{member.blob.name}: ranges with [{member.start}, {member.end}) failed"
+        parts = await self._once.get(
+            functools.partial(first.blob._fetch_many, ranges, first.purpose), failed
+        )
+        return parts[self.members.index(member)]
 
 
 def _group(ranges: list[_SharedRange]) -> None:
-    """Put ranges (in blob order) that are small together in groups for one request each."""
-    group: list[_SharedRange] = []
+    """Put small ranges (in blob order) together, a group per request; a range of
+    GROUP_BYTES or more goes alone and ends the group before it."""
+    groups: list[list[_SharedRange]] = [[]]
     size = 0
-    for r in [*ranges, None]:
-        n = r.end - r.start if r is not None else 0
-        if r is None or (group and (size + n > GROUP_BYTES or len(group) >= GROUP_RANGES)):
-            if len(group) > 1:
-                shared = _RangeGroup(group)
-                for member in group:
-                    member.group = shared
-            group, size = [], 0
-        if r is not None and n < GROUP_BYTES:
-            group.append(r)
-            size += n
+    for r in ranges:
+        n = r.end - r.start
+        if n >= GROUP_BYTES:
+            groups.append([])
+            size = 0
+            continue
+        if size + n > GROUP_BYTES or len(groups[-1]) >= GROUP_RANGES:
+            groups.append([])
+            size = 0
+        groups[-1].append(r)
+        size += n
+    for group in groups:
+        if len(group) > 1:
+            shared = _RangeGroup(group)
+            for member in group:
+                member.group = shared
 
 
 def _extract(member: bytes, *, chunk: Chunk, name: str) -> bytes:
