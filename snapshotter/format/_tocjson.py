@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import msgspec
 
 from snapshotter.errors import InvalidArgument
-from snapshotter.format._tocbuild import TocBuilder
+from snapshotter.format._tocbuild import TocBuilder, raw_sha256
 from snapshotter.format.toc import ENTRY_TYPES, Toc
 
 __all__ = ["NO_PREFETCH_LANDMARK", "PREFETCH_LANDMARK", "InvalidTOC", "parse_toc"]
@@ -111,8 +111,8 @@ def parse_toc(
 def _decode(data: bytes, max_entries: int) -> list[_Entry]:
     """The document's entries, typed and range-checked.
 
-    The entries are decoded at once (~0.7 KB each while the parse runs: the worker's
-    memory, or the daemon's when it parses itself). Each is a JSON object, so the count
+    The entries are decoded at once (~0.7 KB each until the parse has read them: the
+    worker's memory, or the daemon's when it parses itself). Each is a JSON object, so the count
     of "{" bytes bounds how many there can be before anything is decoded: a hostile
     document of tiny entries is refused, not allocated.
     """
@@ -200,6 +200,10 @@ def _mtime_ns(text: str | None, i: int, name: str) -> int:
     return secs * 1_000_000_000 + int((frac or "0").ljust(9, "0"))
 
 
+def _is_digest(text: str) -> bool:
+    return raw_sha256(text) is not None or _DIGEST.fullmatch(text) is not None
+
+
 def _bad_digest(key: str, value: str, i: int, name: str) -> InvalidTOC:
     return _fail(i, name, f"{key} {value!r} is missing or not a digest")
 
@@ -241,6 +245,7 @@ class _TocParser:
         self.open_reg: _File | None = None  # the file `chunk` entries may extend
         self.landmark: int | None = None
         self.no_prefetch = False
+        self.last_dir = ""  # the last parent found to be a directory
         self.mtimes: dict[str, int] = {}  # modtime text -> ns: images repeat a few
         self.offset = -1  # the largest payload offset so far
         # chunks starting at `self.offset`, waiting for the next offset to end them:
@@ -248,7 +253,10 @@ class _TocParser:
         self.waiting: list[tuple[int, int, int, str]] = []
 
     def parse(self, entries: list[_Entry]) -> Toc:
+        """The Toc of `entries`, which it empties: each decoded entry is freed once read,
+        so the columns and the path index grow into the memory the entries leave."""
         for i, raw in enumerate(entries):
+            entries[i] = None  # type: ignore[call-overload]
             self._entry(i, raw)
         self._close_reg()
         self._advance(self.toc_offset)
@@ -291,7 +299,8 @@ class _TocParser:
         size, major, minor, link, digest = 0, 0, 0, "", ""
         if typ == "reg":
             size, digest = raw.size, raw.digest
-            if digest and _DIGEST.fullmatch(digest) is None:
+            # A one-chunk file's digest is its chunk's, which `_chunk` checks.
+            if digest and (digest != raw.chunkDigest or not size) and not _is_digest(digest):
                 raise _bad_digest("digest", digest, i, name)
         elif typ == "symlink":
             link = raw.linkName
@@ -318,12 +327,15 @@ class _TocParser:
         if cut < 0:
             return
         parent = name[:cut]
+        if parent == self.last_dir:  # entries come directory by directory
+            return
         pos = self.toc.find(parent)
         if pos is None:
             self._parents(i, parent)
             self.toc.add(parent, "dir", mode=0o755)
         elif (typ := self.toc.type(pos)) != "dir":
             raise _fail(i, name, f"parent {parent!r} is a {typ}")
+        self.last_dir = parent  # a directory stays one: it may only be declared again as one
 
     def _chunk(self, i: int, raw: _Entry, name: str) -> None:
         f = self.open_reg
@@ -338,14 +350,15 @@ class _TocParser:
             )  # fmt: skip
         f.at += size
         digest = raw.chunkDigest
-        if _DIGEST.fullmatch(digest) is None:
+        sha256 = raw_sha256(digest)
+        if sha256 is None and _DIGEST.fullmatch(digest) is None:
             # Legacy (CRFS) TOCs have no chunkDigest; a one-chunk file's digest says the same.
             if digest or not (size == f.size and f.digest):
                 raise _bad_digest("chunkDigest", digest, i, name)
             digest = f.digest
         if offset != self.offset:
             self._advance(offset, i, name)
-        row = self.toc.add_chunk(chunk_offset, size, offset, inner, digest)
+        row = self.toc.add_chunk(chunk_offset, size, offset, inner, digest, sha256=sha256)
         self.waiting.append((row, inner, size, name))
 
     def _close_reg(self) -> None:
