@@ -121,6 +121,16 @@ class LayerTree:
         self._odd = toc.odd_rows  # rows whose attributes only toc.entry() has right
         self.total_size = 0  # bytes of regular file content, counting hardlinks once
 
+    def __getstate__(self) -> dict[str, object]:
+        # The TOC parser's worker process builds trees too (remote/tocparse.py); the name
+        # function is a closure over the TOC's columns, made again on load.
+        return {k: getattr(self, k) for k in self.__slots__ if k != "_name"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._name = _name_of(self._cols.names, self._cols.name_at)
+
     @classmethod
     def from_toc(cls, toc: Toc) -> LayerTree:
         """Build the tree; raises InvalidTree if the TOC breaks the `Toc` invariants."""

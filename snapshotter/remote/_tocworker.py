@@ -1,8 +1,9 @@
 """The TOC parser's worker process (see tocparse.py).
 
 Requests arrive on stdin, one at a time, as length-prefixed pickles of
-`(staged_member_path, result_path, parse_kwargs)`; for each, the worker parses the staged
-TOC member, pickles the `Toc` to `result_path` and answers on stdout with
+`(staged_member_path, result_path, parse_kwargs, build)`; for each, the worker parses the
+staged TOC member, pickles the `Toc` (or `build(toc)`, when `build` is not None: a function
+pickled by name) to `result_path` and answers on stdout with
 `("ok", None)`, `("error", exception)` or `("failed", text)` (an error it cannot send, the
 daemon then parses the member itself to raise it). It exits when stdin closes.
 """
@@ -13,9 +14,11 @@ import pickle
 import signal
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from snapshotter.format.toc import Toc
 from snapshotter.remote.tocstore import parse_staged
 
 HEADER = struct.Struct("!I")
@@ -37,11 +40,13 @@ def frame(payload: bytes) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-def answer(staged: str, result: str, kwargs: dict[str, object]) -> bytes:
+def answer(
+    staged: str, result: str, kwargs: dict[str, object], build: Callable[[Toc], object] | None
+) -> bytes:
     try:
         toc = parse_staged(Path(staged), **kwargs)  # type: ignore[arg-type]
         with open(result, "wb") as f:
-            pickle.dump(toc, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(toc if build is None else build(toc), f, protocol=pickle.HIGHEST_PROTOCOL)
         reply: tuple[str, object] = ("ok", None)
     except Exception as exc:
         reply = ("error", exc)

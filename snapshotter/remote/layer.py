@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -92,8 +93,9 @@ async def load_toc(
     name: str = "layer",
     toc_store: TocStore | None = None,
     parser: TocParser | None = None,
-) -> Toc:
-    """The validated TOC of the eStargz blob behind `fetch_range`.
+    build: Callable[[Toc], Any] | None = None,
+) -> Any:
+    """The validated TOC of the eStargz blob behind `fetch_range` (or `build(toc)`).
 
     The blob's last TAIL_BYTES first: the footer, and the whole TOC member when it is
     small; then what it lacks of the member, if anything. With `blob_size` None, that
@@ -108,6 +110,10 @@ async def load_toc(
     gzip, a fraction of the JSON) is written there and parsed back from the file, so
     the daemon does not hold it during the parse; nothing is kept if it fails. With a
     `parser` too, the parse runs in its worker process (tocparse.py).
+
+    `build`, a function of the TOC (e.g. the layer's inode tree), runs right after the
+    parse, where the parse ran (the worker, or a thread), and its result is returned
+    instead of the TOC; what it raises is raised here.
     """
     if toc_digest is None and not allow_unverified:
         raise TocDigestMissing(f"{name}: no toc digest; refusing to serve an unverified layer")
@@ -144,7 +150,7 @@ async def load_toc(
     if toc_store is not None and toc_digest is not None and parser is not None:
         return await parser.add(
             toc_store, toc_digest, held.pop(), toc_offset, blob_size=blob_size,
-            max_size=max_toc_size, max_entries=max_entries, what=what,
+            max_size=max_toc_size, max_entries=max_entries, what=what, build=build,
         )  # fmt: skip
 
     def decode() -> Toc:
@@ -160,8 +166,12 @@ async def load_toc(
             max_size=max_toc_size, max_entries=max_entries, what=what,
         )  # fmt: skip
 
+    def decode_and_build() -> Any:
+        toc = decode()
+        return toc if build is None else build(toc)
+
     # Inflating, hashing and parsing a large TOC takes long enough to stall FUSE.
-    return await trio.to_thread.run_sync(decode)
+    return await trio.to_thread.run_sync(decode_and_build)
 
 
 async def open_layer(

@@ -15,12 +15,12 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import trio
 
 from snapshotter.digest import Digest
 from snapshotter.errors import LazysnapError
-from snapshotter.format.toc import Toc
 from snapshotter.labels import TOC_DIGEST, LayerSource
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference
@@ -30,8 +30,11 @@ __all__ = ["LoadToc", "TocsAhead"]
 
 log = logging.getLogger(__name__)
 
-LoadToc = Callable[[LayerSource, int], Awaitable[Toc]]
-"""`await load(source, blob_size)`: the layer's verified TOC (what Prepare would do)."""
+T = TypeVar("T")
+
+LoadToc = Callable[[LayerSource, int], Awaitable[T]]
+"""`await load(source, blob_size)`: the layer's verified TOC, or what Prepare makes of it
+(its inode tree): what Prepare would do."""
 
 # TOCs loaded ahead and not taken (layers containerd already had, so never prepared)
 # cost memory: at most this many, each dropped this many seconds after its load.
@@ -41,14 +44,14 @@ _AGAIN = 60.0  # seconds before another Prepare of an image resolves its manifes
 
 
 @dataclass
-class _Load:
+class _Load(Generic[T]):
     toc_digest: str
     blob_size: int
     done: trio.Event = field(default_factory=trio.Event)
-    toc: Toc | None = None
+    toc: T | None = None
 
 
-class TocsAhead(TaskHost):
+class TocsAhead(TaskHost, Generic[T]):
     """Loads the TOCs of an image's other layers once one of its layers is prepared.
 
     `seen(source, skip)` (trio thread, when one of its layers is prepared) resolves
@@ -62,11 +65,11 @@ class TocsAhead(TaskHost):
     fetches the TOC itself.
     """
 
-    def __init__(self, client: RegistryClient, load: LoadToc, *, parallel: int = 2) -> None:
+    def __init__(self, client: RegistryClient, load: LoadToc[T], *, parallel: int = 2) -> None:
         self._client = client
         self._load = load
         self._limiter = trio.CapacityLimiter(max(1, parallel))
-        self._loads: OrderedDict[str, _Load] = OrderedDict()  # by layer digest
+        self._loads: OrderedDict[str, _Load[T]] = OrderedDict()  # by layer digest
         self._images: dict[str, float] = {}  # image ref (or manifest digest) -> when seen
 
     def seen(self, source: LayerSource, skip: Callable[[str], bool]) -> None:
@@ -80,7 +83,7 @@ class TocsAhead(TaskHost):
         self._images[key] = now
         self._nursery.start_soon(self._image, source, skip)
 
-    async def take(self, source: LayerSource) -> Toc | None:
+    async def take(self, source: LayerSource) -> T | None:
         load = self._loads.get(source.layer_digest)
         if load is None or load.toc_digest != source.toc_digest:
             return None
@@ -115,7 +118,7 @@ class TocsAhead(TaskHost):
             assert self._nursery is not None
             self._nursery.start_soon(self._one, other, load)
 
-    async def _one(self, source: LayerSource, load: _Load) -> None:
+    async def _one(self, source: LayerSource, load: _Load[T]) -> None:
         try:
             async with self._limiter:
                 load.toc = await self._load(source, load.blob_size)

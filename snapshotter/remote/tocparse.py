@@ -28,7 +28,7 @@ import pickle
 import signal
 import subprocess
 import sys
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,35 +93,44 @@ class TocParser:
             task_status.started()
 
     async def add(
-        self, store: TocStore, digest: Digest, member: bytes, toc_offset: int, **kwargs: Any
-    ) -> Toc:
-        """`store.add(digest, member, toc_offset, **kwargs)` with the parse in the worker.
+        self, store: TocStore, digest: Digest, member: bytes, toc_offset: int, *,
+        build: Callable[[Toc], Any] | None = None, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """`store.add(digest, member, toc_offset, **kwargs)` with the parse in the worker:
+        the `Toc`, or `build(toc)` made there too (a module-level function or classmethod,
+        sent by name), so that the daemon only loads the result.
 
         `member` should be the caller's last reference: it is dropped once staged."""
         staged = await trio.to_thread.run_sync(store.stage, member, toc_offset)
         del member
         kwargs["toc_digest"], kwargs["toc_offset"] = digest, toc_offset
         try:
-            toc = await self._parse(staged, kwargs)
+            result = await self._parse(staged, kwargs, build)
             store.keep(staged, digest)
         except BaseException:
             store.discard(staged)
             raise
-        return toc
+        return result
 
-    async def _parse(self, staged: Path, kwargs: dict[str, Any]) -> Toc:
+    async def _parse(
+        self, staged: Path, kwargs: dict[str, Any], build: Callable[[Toc], Any] | None
+    ) -> Any:
         async with self._turn:
             proc = self._proc
             if proc is None or proc.returncode is not None:
-                return await self._in_daemon(staged, kwargs)
-            return await self._ask(proc, staged, kwargs)
+                return await self._in_daemon(staged, kwargs, build)
+            return await self._ask(proc, staged, kwargs, build)
 
-    async def _ask(self, proc: trio.Process, staged: Path, kwargs: dict[str, Any]) -> Toc:
+    async def _ask(
+        self, proc: trio.Process, staged: Path, kwargs: dict[str, Any],
+        build: Callable[[Toc], Any] | None,
+    ) -> Any:  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None
         result = staged.with_name(staged.name + ".toc")
         try:
             try:
-                await proc.stdin.send_all(frame(pickle.dumps((str(staged), str(result), kwargs))))
+                request = (str(staged), str(result), kwargs, build)
+                await proc.stdin.send_all(frame(pickle.dumps(request)))
                 status, detail = pickle.loads(await _receive_frame(proc.stdout))
             except BaseException as exc:
                 proc.kill()  # its late answer must not reach the next request
@@ -132,16 +141,23 @@ class TocParser:
             if status == "error":
                 raise detail
             if status != "ok":
-                return await self._in_daemon(staged, kwargs)
+                return await self._in_daemon(staged, kwargs, build)
             self._deaths = 0
             self.parsed_in_worker += 1
-            return await trio.to_thread.run_sync(_load, result)
+            return await trio.to_thread.run_sync(_load, result, build is None)
         finally:
             result.unlink(missing_ok=True)
 
-    async def _in_daemon(self, staged: Path, kwargs: dict[str, Any]) -> Toc:
+    async def _in_daemon(
+        self, staged: Path, kwargs: dict[str, Any], build: Callable[[Toc], Any] | None
+    ) -> Any:
         self.parsed_in_daemon += 1
-        return await trio.to_thread.run_sync(partial(parse_staged, staged, **kwargs))
+
+        def parse() -> Any:
+            toc = parse_staged(staged, **kwargs)
+            return toc if build is None else build(toc)
+
+        return await trio.to_thread.run_sync(parse)
 
     def status(self) -> dict[str, Any]:
         """For `lazysnap status`: is the worker up, and where did the parses run."""
@@ -153,12 +169,12 @@ class TocParser:
         }
 
 
-def _load(path: Path) -> Toc:
+def _load(path: Path, a_toc: bool) -> Any:
     with open(path, "rb") as f:  # streamed: only one of the Toc's arrays is copied at a time
-        toc = pickle.load(f)
-    if not isinstance(toc, Toc):
-        raise TypeError(f"toc parser: {path} holds a {type(toc).__name__}, not a Toc")
-    return toc
+        result = pickle.load(f)
+    if a_toc and not isinstance(result, Toc):
+        raise TypeError(f"toc parser: {path} holds a {type(result).__name__}, not a Toc")
+    return result
 
 
 async def _receive_frame(stream: trio.abc.ReceiveStream) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import stat
 import sys
 import tracemalloc
@@ -100,6 +101,20 @@ def test_hardlinks_share_an_inode_and_count_links() -> None:
     assert tree.node(motd).nlink == 3
     assert tree.xattrs(motd) == {"user.origin": b"upper", "security.x": b"\x00\x01"}
     assert path_node(tree, "etc/hostname").nlink == 1
+
+
+def test_a_pickled_tree_answers_as_the_original() -> None:
+    """Trees are built in the TOC parser's worker process and pickled to the daemon."""
+    tree = LayerTree.from_toc(upper_layer().toc())
+    copy = pickle.loads(pickle.dumps(tree, protocol=pickle.HIGHEST_PROTOCOL))
+    for ino in range(1, len(tree) + 1):
+        assert copy.node(ino) == tree.node(ino)
+        assert copy.xattrs(ino) == tree.xattrs(ino)
+        if tree.node(ino).is_dir:
+            assert list(copy.listing(ino)) == list(tree.listing(ino))
+    motd = tree.lookup(ROOT, "motd")
+    assert motd is not None and copy.lookup(ROOT, "motd") == motd
+    assert copy.total_size == tree.total_size
 
 
 def test_hardlink_to_hardlink_resolves() -> None:

@@ -18,6 +18,7 @@ from remote_fakes import estargz_parts
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss
 from snapshotter.format.estargz import InvalidTOC
+from snapshotter.fs.tree import ROOT, LayerTree
 from snapshotter.remote.tocparse import TocParser
 from snapshotter.remote.tocstore import TocStore
 
@@ -38,11 +39,11 @@ async def parser() -> AsyncIterator[TocParser]:
     assert p._proc is None  # killed with its nursery
 
 
-async def _add(parser: TocParser, store: TocStore, layer, member=None, digest=None):  # type: ignore[no-untyped-def]
+async def _add(parser: TocParser, store: TocStore, layer, member=None, digest=None, build=None):  # type: ignore[no-untyped-def]
     blob, toc_offset, good, toc_digest = layer
     return await parser.add(store, digest or toc_digest, good if member is None else member,
                             toc_offset, blob_size=len(blob), max_size=1 << 20,
-                            max_entries=1000)  # fmt: skip
+                            max_entries=1000, build=build)  # fmt: skip
 
 
 def _in_daemon(layer, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -69,6 +70,33 @@ async def test_worker_parse_equals_the_in_daemon_parse_and_is_kept(
     assert [p.name for p in store.dir.iterdir()] == [toc_digest.hex]
     loaded = store.load(toc_digest, blob_size=len(blob), max_entries=1000)
     assert loaded is not None and list(loaded.entries) == list(toc.entries)
+
+
+def _walk(tree: LayerTree, ino: int = ROOT) -> list[tuple[bytes, tuple]]:
+    out = []
+    for _, name, child, st in tree.listing(ino):
+        out.append((name, st))
+        if tree.node(child).is_dir:
+            out += [(name + b"/" + n, s) for n, s in _walk(tree, child)]
+    return out
+
+
+@pytest.mark.parametrize("worker", [True, False], ids=["worker", "no-worker"])
+async def test_the_tree_is_built_where_the_toc_is_parsed(
+    layer, tmp_path: Path, worker: bool
+) -> None:
+    p = TocParser()
+    async with trio.open_nursery() as nursery:
+        if worker:
+            await nursery.start(p.run)
+        tree = await _add(p, TocStore(tmp_path), layer, build=LayerTree.from_toc)
+        nursery.cancel_scope.cancel()
+    assert (p.parsed_in_worker, p.parsed_in_daemon) == ((1, 0) if worker else (0, 1))
+    assert isinstance(tree, LayerTree)
+    expected = LayerTree.from_toc(_in_daemon(layer, tmp_path))
+    assert list(tree.toc.entries) == list(expected.toc.entries)
+    assert _walk(tree) == _walk(expected) and len(_walk(tree)) > 3
+    assert tree.total_size == expected.total_size > 0
 
 
 async def test_errors_come_back_from_the_worker_and_nothing_is_kept(
