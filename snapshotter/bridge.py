@@ -172,7 +172,7 @@ class FuseRemoteLayers:
         self._mountpoint = cfg.root / "repo"
         self._tocs = TocStore(cfg.root / "tocs")
         # TOCs are parsed in a worker process (the daemon runs `toc_parser.run`).
-        self.toc_parser = TocParser()
+        self.toc_parser = TocParser(preload=("snapshotter.fs._treebuild",))
         # The TOCs of an image's later layers, loaded once its first layer is prepared
         # (the daemon runs `tocs_ahead.run`).
         self.tocs_ahead = TocsAhead(client, self._load_tree)

@@ -6,10 +6,14 @@ staged TOC member, pickles the `Toc` (or `build(toc)`, when `build` is not None:
 pickled by name) to `result_path` and answers on stdout with
 `("ok", None)`, `("error", exception)` or `("failed", text)` (an error it cannot send, the
 daemon then parses the member itself to raise it). It exits when stdin closes.
+
+Its arguments name modules to import before the first request: what `build` needs,
+which would otherwise be imported on the first Prepare's path (~15 ms).
 """
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import signal
 import struct
@@ -62,6 +66,8 @@ def main() -> int:
     # otherwise log this process's death as a failure while it shuts down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for module in sys.argv[1:]:
+        importlib.import_module(module)
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but frames may reach the daemon's pipe
     while (request := read_frame(requests)) is not None:

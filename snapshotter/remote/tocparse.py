@@ -50,7 +50,10 @@ _MAX_DEATHS = 5  # in a row, without a parse between: then parse in the daemon f
 
 
 class TocParser:
-    def __init__(self) -> None:
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+        """`preload`: modules the worker imports when it starts (those of the `build`
+        functions it will be given)."""
+        self._command = (*_WORKER, *preload)
         self._proc: trio.Process | None = None
         self._turn = trio.Lock()  # one request at a time in the worker
         self._deaths = 0
@@ -65,7 +68,8 @@ class TocParser:
         while self._deaths < _MAX_DEATHS:
             try:
                 proc = await trio.lowlevel.open_process(
-                    _WORKER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_worker_env()
+                    self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    env=_worker_env(),
                 )
             except OSError as exc:
                 log.warning("toc parser: cannot start a worker (%s); parsing in the daemon", exc)

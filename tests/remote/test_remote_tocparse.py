@@ -85,7 +85,7 @@ def _walk(tree: LayerTree, ino: int = ROOT) -> list[tuple[bytes, tuple]]:
 async def test_the_tree_is_built_where_the_toc_is_parsed(
     layer, tmp_path: Path, worker: bool
 ) -> None:
-    p = TocParser()
+    p = TocParser(preload=("snapshotter.fs._treebuild",))  # as the bridge runs it
     async with trio.open_nursery() as nursery:
         if worker:
             await nursery.start(p.run)
@@ -97,6 +97,23 @@ async def test_the_tree_is_built_where_the_toc_is_parsed(
     assert list(tree.toc.entries) == list(expected.toc.entries)
     assert _walk(tree) == _walk(expected) and len(_walk(tree)) > 3
     assert tree.total_size == expected.total_size > 0
+
+
+@pytest.mark.allow_log_errors
+async def test_a_worker_that_cannot_preload_leaves_the_parse_to_the_daemon(
+    layer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = TocParser(preload=("snapshotter.no_such_module",))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(p.run)
+        with trio.fail_after(10):
+            while p._deaths == 0:
+                await trio.sleep(0.02)
+        toc = await _add(p, TocStore(tmp_path), layer)
+        nursery.cancel_scope.cancel()
+    assert (p.parsed_in_worker, p.parsed_in_daemon) == (0, 1)
+    assert list(toc.entries) == list(_in_daemon(layer, tmp_path).entries)
+    assert "worker exited with 1" in caplog.text
 
 
 async def test_errors_come_back_from_the_worker_and_nothing_is_kept(
