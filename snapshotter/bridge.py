@@ -363,9 +363,9 @@ class FuseRemoteLayers:
         """A layer's tree, from its TOC verified against its label's digest (unverified
         only when `allow_unverified` and the label has none) and kept in the TOC store: for
         an attach, a restore and `tocs_ahead` alike. `size` None: the registry tells it.
-        The tree is built where the TOC is parsed (the parser's worker process): that is
-        tens of ms for 10k entries which the daemon, busy with the image's first chunks
-        then, took two or three times as long to do."""
+        The tree is built where the TOC is parsed (the parser's worker process), off the
+        daemon's GIL while the image's first chunks arrive: an 8k-entry tree took 60-70
+        ms there during a cold start, 26 ms alone."""
         ref, digest = Reference.parse(source.image_ref), Digest.parse(source.layer_digest)
         tail = self.hosts.limited(ref.host, partial(self._client.read_blob_tail, ref, digest))
         return await load_toc(

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import io
 import tarfile
-import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
+
+# zlib's interface on Intel's ISA-L: inflates about twice as fast as zlib, and every
+# chunk a container reads and every TOC is inflated here, on the pull's critical path.
+from isal import isal_zlib
 
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss, InvalidArgument
@@ -136,7 +139,7 @@ def _inflate(data: bytes, skip: int, want: int, what: str, *, upto: bool = False
             if not rest:
                 raise DataLoss(f"{what}: gzip data ends {want - n} bytes early")
             raise DataLoss(f"{what}: no gzip member at compressed byte {len(data) - len(rest)}")
-        d = zlib.decompressobj(wbits=31)
+        d = isal_zlib.decompressobj(wbits=31)
         pending = rest
         try:
             while n < want and not d.eof:
@@ -150,7 +153,7 @@ def _inflate(data: bytes, skip: int, want: int, what: str, *, upto: bool = False
                     skip -= dropped
                     piece = piece[dropped:]
                 n += out.write(piece[: want - n])
-        except zlib.error as exc:
+        except isal_zlib.error as exc:
             raise DataLoss(f"{what}: corrupt gzip data: {exc}") from None
         rest = d.unused_data
     return out.getvalue()
@@ -188,7 +191,7 @@ def _inflate_pieces(
             return
         if pending[:2] != b"\x1f\x8b":
             raise DataLoss(f"{what}: no gzip member at compressed byte {taken - len(pending)}")
-        d = zlib.decompressobj(wbits=31)
+        d = isal_zlib.decompressobj(wbits=31)
         try:
             while n < want and not d.eof:
                 if not pending:
@@ -206,7 +209,7 @@ def _inflate_pieces(
                     piece = piece[: want - n]
                     n += len(piece)
                     yield piece
-        except zlib.error as exc:
+        except isal_zlib.error as exc:
             raise DataLoss(f"{what}: corrupt gzip data: {exc}") from None
         pending = d.unused_data  # the next member's start (the tail is empty at eof)
 
