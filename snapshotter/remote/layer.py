@@ -147,8 +147,9 @@ async def load_toc(
     held = [member]  # only here, so that the store can let go of it
     del member
     what = f"{name}: toc"
-    if toc_store is not None and toc_digest is not None and parser is not None:
-        return await parser.add(
+    if toc_store is not None and toc_digest is not None:
+        # Without a running worker, a TocParser parses in a thread (`TocParser()`: never run).
+        return await (parser or TocParser()).add(
             toc_store, toc_digest, held.pop(), toc_offset, blob_size=blob_size,
             max_size=max_toc_size, max_entries=max_entries, what=what, build=build,
         )  # fmt: skip
@@ -156,11 +157,6 @@ async def load_toc(
     def decode() -> Toc:
         # Here the daemon pays the parse's peak (the JSON and the decoded entries, ~1.3 KB
         # an entry, for a moment): what the TOC worker spares it.
-        if toc_store is not None and toc_digest is not None:
-            return toc_store.add(
-                toc_digest, held.pop(), toc_offset, blob_size=blob_size,
-                max_size=max_toc_size, max_entries=max_entries, what=what,
-            )  # fmt: skip
         return parse_toc_member(
             held.pop(), toc_digest=toc_digest, blob_size=blob_size, toc_offset=toc_offset,
             max_size=max_toc_size, max_entries=max_entries, what=what,

@@ -100,11 +100,14 @@ class TocParser:
         self, store: TocStore, digest: Digest, member: bytes, toc_offset: int, *,
         build: Callable[[Toc], Any] | None = None, **kwargs: Any,
     ) -> Any:  # fmt: skip
-        """`store.add(digest, member, toc_offset, **kwargs)` with the parse in the worker:
-        the `Toc`, or `build(toc)` made there too (a module-level function or classmethod,
-        sent by name), so that the daemon only loads the result.
+        """Verify and parse a fetched TOC member (`parse_toc_member`'s `kwargs` and
+        errors), kept in `store` when both succeed; in the worker when it runs, else in a
+        thread. Returns the `Toc`, or `build(toc)` made there too (a module-level function
+        or classmethod, sent by name), so that the daemon only loads the result.
 
-        `member` should be the caller's last reference: it is dropped once staged."""
+        The member is staged in the store first and parsed from the file: `member` should
+        be the caller's last reference, dropped once staged (holding it through the parse
+        would add its size, ~50 bytes per entry, to the daemon's peak)."""
         staged = await trio.to_thread.run_sync(store.stage, member, toc_offset)
         del member
         kwargs["toc_digest"], kwargs["toc_offset"] = digest, toc_offset

@@ -43,8 +43,12 @@ class TocStore:
     blob holds it (gzip, a seventh of the JSON), read back in pieces on load.
 
     Files from before members were stored hold the TOC JSON instead; they still load.
+    A member is staged before its parse (`TocParser.add`, remote/tocparse.py: in its
+    worker process or a thread), so that the caller can let go of it, and kept only if
+    the parse verified it:
 
-        toc = store.add(digest, member, toc_offset, blob_size=n, max_size=s, max_entries=m)
+        staged = store.stage(member, toc_offset); toc = parse_staged(staged, ...)
+        store.keep(staged, digest)  # or store.discard(staged)
         toc = store.load(digest, blob_size=n, max_entries=m)  # after a restart; or None
     """
 
@@ -89,29 +93,6 @@ class TocStore:
 
     def _path(self, digest: Digest) -> Path:
         return self.dir / digest.hex
-
-    def add(
-        self, digest: Digest, member: bytes, toc_offset: int, *, blob_size: int,
-        max_size: int, max_entries: int, what: str = "toc",
-    ) -> Toc:  # fmt: skip
-        """Verify and parse a fetched TOC member, and keep it when both succeed.
-
-        The member is written first and parsed from the file, so that the caller can let
-        go of it: holding it through the parse would add its size (~50 bytes per entry)
-        to the daemon's peak. Errors are `parse_toc_member`'s; nothing is kept then.
-        (`TocParser.add` does the same with the parse in its worker process.)
-        """
-        staged = self.stage(member, toc_offset)
-        del member  # the caller's was its last other reference
-        try:
-            toc = parse_staged(staged, toc_digest=digest, blob_size=blob_size,
-                               toc_offset=toc_offset, max_size=max_size,
-                               max_entries=max_entries, what=what)  # fmt: skip
-            self.keep(staged, digest)
-        except BaseException:
-            self.discard(staged)
-            raise
-        return toc
 
     def stage(self, member: bytes, toc_offset: int) -> Path:
         """A temp file in the store holding the offset line and `member`, to be parsed

@@ -17,7 +17,7 @@ from remote_fakes import estargz_parts
 
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss
-from snapshotter.format.estargz import InvalidTOC
+from snapshotter.format.estargz import InvalidTOC, parse_toc_member
 from snapshotter.fs.tree import ROOT, LayerTree
 from snapshotter.remote.tocparse import TocParser
 from snapshotter.remote.tocstore import TocStore
@@ -47,10 +47,10 @@ async def _add(parser: TocParser, store: TocStore, layer, member=None, digest=No
 
 
 def _in_daemon(layer, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The reference: the member parsed right here."""
     blob, toc_offset, member, toc_digest = layer
-    return TocStore(tmp_path / "thread").add(toc_digest, member, toc_offset,
-                                             blob_size=len(blob), max_size=1 << 20,
-                                             max_entries=1000)  # fmt: skip
+    return parse_toc_member(member, toc_digest=toc_digest, blob_size=len(blob),
+                            toc_offset=toc_offset, max_size=1 << 20, max_entries=1000)
 
 
 async def test_worker_parse_equals_the_in_daemon_parse_and_is_kept(

@@ -8,14 +8,17 @@ import io
 import logging
 import os
 import tarfile
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 from remote_fakes import estargz_parts
 
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss
 from snapshotter.format.estargz import InvalidTOC, parse_toc, read_toc_json
+from snapshotter.remote.tocparse import TocParser
 from snapshotter.remote.tocstore import TocStore
 
 
@@ -26,9 +29,12 @@ def layer() -> tuple[bytes, int, bytes, Digest]:
 
 
 def _add(store: TocStore, layer, member: bytes | None = None, digest: Digest | None = None):  # type: ignore[no-untyped-def]
+    """Stage, parse (in a thread: no worker) and keep, as a Prepare does."""
     blob, toc_offset, good, toc_digest = layer
-    return store.add(digest or toc_digest, good if member is None else member, toc_offset,
-                     blob_size=len(blob), max_size=1 << 20, max_entries=1000)  # fmt: skip
+    add = partial(TocParser().add, store, digest or toc_digest,
+                  good if member is None else member, toc_offset, blob_size=len(blob),
+                  max_size=1 << 20, max_entries=1000)  # fmt: skip
+    return trio.run(add)
 
 
 def _load(store: TocStore, layer):  # type: ignore[no-untyped-def]
@@ -73,9 +79,10 @@ def test_verified_but_hostile_toc_keeps_nothing(tmp_path) -> None:
         info.size = len(doc)
         tf.addfile(info, io.BytesIO(doc))
     member = gzip.compress(buf.getvalue())
+    add = partial(TocParser().add, TocStore(tmp_path), Digest.of(doc), member, 100,
+                  blob_size=1000, max_size=1 << 20, max_entries=10)  # fmt: skip
     with pytest.raises(InvalidTOC):
-        TocStore(tmp_path).add(Digest.of(doc), member, 100, blob_size=1000, max_size=1 << 20,
-                               max_entries=10)  # fmt: skip
+        trio.run(add)
     assert list(tmp_path.iterdir()) == []
 
 
