@@ -118,8 +118,7 @@ class Failover:
                         raise error from exc
                 # Like containerd: a loopback registry without hosts.toml may speak plain
                 # HTTP. The plain endpoint has no fallback, so this loops at most twice.
-                log.debug("%s does not speak TLS; using http://%s", ep.describe(), ep.netloc)
-                ep = self._endpoints[host][index] = ep.as_plain_http()
+                ep = self._to_plain(host, index)
         raise RegistryUnavailable(f"{what}: no answer from {ep.describe()} within {limit:g}s")
 
     async def _race(self, host: str, index: int, op: Op[T], what: str) -> T:
@@ -153,10 +152,16 @@ class Failover:
         error = errors.get("tls")  # none when the plain answer cancelled it
         plain_server = isinstance(error, RegistryUnavailable) and error.tls_mismatch
         if "tls" not in answered and ("plain" in answers or plain_server):
-            log.debug("%s does not speak TLS; using http://%s", tls.describe(), tls.netloc)
-            self._endpoints[host][index] = plain
+            self._to_plain(host, index)
             if "plain" in answers:
                 return answers["plain"]
             raise errors["plain"]
         assert error is not None
         raise error
+
+    def _to_plain(self, host: str, index: int) -> Endpoint:
+        """The endpoint does not speak TLS: plain HTTP from now on (and no fallback)."""
+        ep = self._endpoints[host][index]
+        log.debug("%s does not speak TLS; using http://%s", ep.describe(), ep.netloc)
+        plain = self._endpoints[host][index] = ep.as_plain_http()
+        return plain
