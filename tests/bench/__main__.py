@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,9 @@ def _missing_prereqs() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A `kill` (or a CI timeout) must stop the daemons, containerds and registry the run
+    # started and unmount what it mounted, as Ctrl-C does: their context managers do that.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parts = [p for p in args.only.split(",") if p]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
