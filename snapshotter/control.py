@@ -226,7 +226,8 @@ def _prefetch_how(
         raise errors.InvalidArgument("prefetch: 'images' must be a non-empty list of names")
     how = ImagePrefetch(
         client=client, cache=cache, whole=bool(req.get("all")), size=cfg.prefetch_bytes,
-        parallel=cfg.prefetch_parallel, timeout=cfg.fetch_timeout,
+        parallel=cfg.prefetch_parallel, per_host=cfg.max_connections_per_host,
+        timeout=cfg.fetch_timeout,
         max_toc_bytes=cfg.max_toc_bytes, max_toc_entries=cfg.max_toc_entries,
         fetcher=fetcher, on_event=send, profiles=_stored_profiles(cfg),
     )

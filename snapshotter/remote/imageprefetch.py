@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -25,6 +26,7 @@ from snapshotter.remote.blob import RemoteBlob
 from snapshotter.remote.layer import load_toc
 from snapshotter.remote.prefetch import PrefetchPlan, plan_prefetch, plan_whole_layer, prefetch
 from snapshotter.remote.profile import Profile, plan_profile
+from snapshotter.remote.warm import HostPool
 
 __all__ = ["TOC_DIGEST_ANNOTATION", "ImagePrefetch", "PrefetchSummary", "prefetch_images"]
 
@@ -65,6 +67,7 @@ class ImagePrefetch:
     whole: bool = False  # every chunk, not just the startup plan
     size: int = 0  # startup plan size for layers without a landmark
     parallel: int = 4
+    per_host: int = 16  # range requests in flight to one registry host, without `fetcher`
     timeout: float = 30.0
     max_toc_bytes: int = 64 << 20
     max_toc_entries: int = 1_000_000
@@ -94,6 +97,9 @@ async def prefetch_images(images: Sequence[str], how: ImagePrefetch) -> Prefetch
     an unreachable registry raise error categories.
     """
     began = time.monotonic()
+    # Without the daemon's fetcher, range requests go as the daemon sends them: within a
+    # per-host bound, and several ranges in one request where the registry answers those.
+    fetcher = how.fetcher or partial(HostPool(how.per_host).blob_reader, how.client)
     refs = [Reference.parse(image) for image in images]
     planned: list[_Planned] = []
     skipped = over_quota = 0
@@ -106,7 +112,7 @@ async def prefetch_images(images: Sequence[str], how: ImagePrefetch) -> Prefetch
             if str(desc.digest) in seen:
                 continue
             seen.add(str(desc.digest))
-            item = await _plan(image, ref, desc.digest, desc.size,
+            item = await _plan(image, fetcher(ref, desc.digest), desc.digest, desc.size,
                                desc.annotations.get(TOC_DIGEST_ANNOTATION, ""), how, profile)
             if item is None:
                 skipped += 1
@@ -146,10 +152,9 @@ async def prefetch_images(images: Sequence[str], how: ImagePrefetch) -> Prefetch
 
 
 async def _plan(
-    image: str, ref: Reference, digest: Digest, size: int, toc_digest: str, how: ImagePrefetch,
-    profile: Profile | None = None,
+    image: str, fetch: FetchRange, digest: Digest, size: int, toc_digest: str,
+    how: ImagePrefetch, profile: Profile | None = None,
 ) -> _Planned | None:
-    fetch = how.fetcher(ref, digest) if how.fetcher else _direct(how.client, ref, digest)
     name = f"layer {digest}"
     if not toc_digest:
         how.on_event({"event": "skip", "image": image, "layer": str(digest),
@@ -170,13 +175,6 @@ async def _plan(
     blob = RemoteBlob(fetch, how.cache, blob_size=size, fetch_timeout=how.timeout, name=name)
     cached = _extent([c for c in plan.chunks if Digest.parse(c.digest) in how.cache])
     return _Planned(image, digest, blob, plan, _extent(plan.chunks), cached)
-
-
-def _direct(client: RegistryClient, ref: Reference, digest: Digest) -> FetchRange:
-    async def fetch_range(start: int, end: int) -> bytes:
-        return await client.read_blob_range(ref, digest, start, end)
-
-    return fetch_range
 
 
 def _extent(chunks: Sequence[Chunk]) -> int:

@@ -48,12 +48,12 @@ async def image(tmp_path: Path):
     fetch = partial(client.read_blob_range, ref, Digest.parse(layer))
     toc = await load_toc(fetch, blob_size=len(out.getvalue()), toc_digest=result.toc_digest,
                          max_toc_size=1 << 20)
-    yield client, manifest, layer, toc
+    yield client, manifest, layer, toc, fake
     await client.aclose()
 
 
 async def test_a_stored_profile_replaces_the_landmark_plan(image, cache) -> None:
-    client, manifest, layer, toc = image
+    client, manifest, layer, toc, _ = image
     hot = toc.by_name()["data/2.bin"]
     profile = Profile(manifest, tuple(Access(layer, hot.name, c.digest, c.chunk_offset, 0.0)
                                       for c in hot.chunks))
@@ -68,9 +68,27 @@ async def test_a_stored_profile_replaces_the_landmark_plan(image, cache) -> None
 
 
 async def test_without_a_profile_the_landmark_plan_is_used(image, cache) -> None:
-    client, _, _, _ = image
+    client, _, _, _, _ = image
     events: list[dict] = []
     how = ImagePrefetch(client=client, cache=cache, on_event=events.append,
                         profiles=lambda manifest: None)
     await prefetch_images(["registry.test/app:v1"], how)
     assert [e["reason"] for e in events if e["event"] == "layer"] == ["landmark"]
+
+
+async def test_chunks_apart_go_in_one_multi_range_request(image, cache) -> None:
+    """Without the daemon (no fetcher), range requests still go as the daemon's do."""
+    client, manifest, layer, toc, fake = image
+    firsts = [toc.by_name()[f"data/{i}.bin"].chunks[0] for i in (1, 3)]
+    assert firsts[0].end < firsts[1].offset  # apart: two ranges, not one
+    profile = Profile(manifest, tuple(Access(layer, f"data/{i}.bin", c.digest, 0, 0.0)
+                                      for i, c in zip((1, 3), firsts, strict=True)))
+    before = len(fake.seen)
+    how = ImagePrefetch(client=client, cache=cache, profiles={manifest: profile}.get)
+    summary = await prefetch_images(["registry.test/app:v1"], how)
+    assert summary.failed_chunks == 0
+    assert all(Digest.parse(c.digest) in cache for c in firsts)
+    ranges = [r.headers.get("range", "") for r in fake.seen[before:]
+              if r.method == "GET" and layer in str(r.url) and "," in r.headers.get("range", "")]
+    assert ranges == [f"bytes={firsts[0].offset}-{firsts[0].end - 1},"
+                      f"{firsts[1].offset}-{firsts[1].end - 1}"]
