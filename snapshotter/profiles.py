@@ -24,7 +24,7 @@ import trio
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.config import Config
 from snapshotter.digest import Digest
-from snapshotter.errors import DataLoss, InvalidArgument, LazysnapError
+from snapshotter.errors import DataLoss, InvalidArgument, LazysnapError, NotFound
 from snapshotter.format.toc import Chunk, Entry, Toc
 from snapshotter.fs.repository import Repository
 from snapshotter.labels import LayerSource
@@ -51,6 +51,11 @@ log = logging.getLogger("lazysnap.profiles")
 
 PROFILES_DIR = "profiles"
 _RESOLVE_TTL = 60.0  # seconds a tag -> manifest digest answer is reused for a pull's layers
+# An image found without a profile is looked up again by a Prepare this many seconds later
+# (one may have been pushed or imported since: a first rollout often comes before it), or
+# sooner when the registry could not be asked at all.
+LOOKUP_AGAIN = 600.0
+LOOKUP_RETRY = 60.0
 _UNADOPTED_BLOBS = 256  # fetched-ahead blobs kept for layers not attached yet
 
 
@@ -108,8 +113,9 @@ class _Image:
     source: str = ""  # where the profile came from: "store", "registry"
     recorder: Recorder | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
-    looked_up: bool = False
+    looked_up: bool = False  # a lookup ran (only the first may start a recorder)
     settled: bool = False  # the lookup is over: `profile` is what there is
+    look_again: float = 0.0  # trio time from which a Prepare looks a missing profile up again
     ahead: trio.Event | None = None  # set once the image-wide prefetch (`_ahead`) is over
     document: Manifest | None = None  # the manifest, when resolving the tag fetched it
 
@@ -238,7 +244,8 @@ class ProfileService(TaskHost):
         """Find the image's profile once (store, then registry) and start its fetch ahead;
         later callers wait for the first one's answer."""
         async with image.lock:
-            if not image.looked_up:
+            again = image.profile is None and trio.current_time() >= image.look_again
+            if not image.looked_up or again:
                 image.looked_up = True
                 await self._find(image, source)
                 if image.profile is not None:
@@ -269,6 +276,9 @@ class ProfileService(TaskHost):
         return manifest
 
     async def _find(self, image: _Image, source: LayerSource) -> None:
+        """The stored profile, else the registry's; when neither, `look_again` says when
+        to ask again."""
+        image.look_again = trio.current_time() + LOOKUP_AGAIN
         try:
             image.profile = await trio.to_thread.run_sync(self.store.load, image.manifest)
             image.source = "store"
@@ -293,6 +303,8 @@ class ProfileService(TaskHost):
             log.warning("image %s: registry profile rejected: %s", source.image_ref, exc)
         except LazysnapError as exc:  # not found, unauthorized, unreachable: no profile
             log.info("image %s: no registry profile (%s)", source.image_ref, exc)
+            if not isinstance(exc, NotFound):  # the registry did not say: ask sooner
+                image.look_again = trio.current_time() + LOOKUP_RETRY
 
     async def _ahead(self, image: _Image, source: LayerSource) -> None:
         assert image.ahead is not None

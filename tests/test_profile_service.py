@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from snapshotter import profiles
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.digest import Digest
 from snapshotter.format.build import build_estargz
@@ -195,6 +196,42 @@ async def test_a_pushed_profile_is_found_in_the_registry(bench, referrers_api: b
     cache.close()
     tagged = [s for s in bench.fake.seen if "/manifests/sha256-" in str(s.url)]
     assert bool(tagged) != referrers_api
+
+
+async def test_a_profile_pushed_after_the_first_lookup_is_found_later(
+    bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first rollout often comes before its profile: an image found without one is
+    looked up again, by a Prepare after LOOKUP_AGAIN (not by every Prepare)."""
+    monkeypatch.setattr(profiles, "LOOKUP_AGAIN", 0.5)
+    raw = await _learn(bench)
+    service, store, _repo, cache, toc, blob, source = await bench.daemon(record=False)
+
+    def lookups() -> int:
+        return len([s for s in bench.fake.seen
+                    if s.method == "GET" and "/manifests/sha256-" in str(s.url)])
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        service.attached("1", source, toc, blob)
+        with trio.fail_after(5):
+            while not _settled(service, bench):
+                await trio.sleep(0.01)
+        assert lookups() > 0
+        await push_profile(bench.client, Reference.parse(REF), raw)
+        asked = lookups()
+        service.preparing(source)  # the image pulled again at once: no second lookup
+        await trio.sleep(0.1)
+        assert lookups() == asked and service._images[bench.manifest].profile is None
+        await trio.sleep(0.5)
+        service.preparing(source)
+        with trio.fail_after(5):
+            while service._images[bench.manifest].profile is None:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert service._images[bench.manifest].source == "registry"
+    assert store.raw(bench.manifest) is not None  # kept for the next start
+    cache.close()
 
 
 async def test_a_cri_manifest_digest_label_needs_no_resolving(bench) -> None:
