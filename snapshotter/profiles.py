@@ -241,8 +241,8 @@ class ProfileService(TaskHost):
         return image
 
     async def _settle(self, image: _Image, source: LayerSource) -> None:
-        """Find the image's profile once (store, then registry) and start its fetch ahead;
-        later callers wait for the first one's answer."""
+        """Find the image's profile (store, then registry; while there is none, again
+        after `look_again`) and start its fetch ahead; later callers wait for the answer."""
         async with image.lock:
             again = image.profile is None and trio.current_time() >= image.look_again
             if not image.looked_up or again:

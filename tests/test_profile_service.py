@@ -151,12 +151,18 @@ async def _apply(bench: Bench, setup) -> tuple[ChunkCache, RemoteBlob, object]: 
     await setup(store)
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        service.attached("1", source, toc, blob)
-        with trio.fail_after(5):
-            while not _settled(service, bench):
-                await trio.sleep(0.01)
+        await _attach_and_settle(service, bench, source, toc, blob)
         nursery.cancel_scope.cancel()
     return cache, blob, toc
+
+
+async def _attach_and_settle(  # type: ignore[no-untyped-def]
+    service: ProfileService, bench: Bench, source, toc, blob, timeout: float = 5
+) -> None:
+    service.attached("1", source, toc, blob)
+    with trio.fail_after(timeout):
+        while not _settled(service, bench):
+            await trio.sleep(0.01)
 
 
 def _settled(service: ProfileService, bench: Bench) -> bool:
@@ -213,10 +219,7 @@ async def test_a_profile_pushed_after_the_first_lookup_is_found_later(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        service.attached("1", source, toc, blob)
-        with trio.fail_after(5):
-            while not _settled(service, bench):
-                await trio.sleep(0.01)
+        await _attach_and_settle(service, bench, source, toc, blob)
         assert lookups() > 0
         await push_profile(bench.client, Reference.parse(REF), raw)
         asked = lookups()
@@ -241,10 +244,7 @@ async def test_a_cri_manifest_digest_label_needs_no_resolving(bench) -> None:
     bench.fake.seen.clear()
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        service.attached("1", source, toc, blob)
-        with trio.fail_after(5):
-            while not _settled(service, bench):
-                await trio.sleep(0.01)
+        await _attach_and_settle(service, bench, source, toc, blob)
         nursery.cancel_scope.cancel()
     assert not [s for s in bench.fake.seen if s.url.path.endswith("/manifests/v1")]
     del store, repo
@@ -312,10 +312,7 @@ async def _apply_ahead(  # type: ignore[no-untyped-def]
     store.save_raw(raw)
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        service.attached("1", source, toc, blob)
-        with trio.fail_after(10):
-            while not _settled(service, bench):
-                await trio.sleep(0.01)
+        await _attach_and_settle(service, bench, source, toc, blob, timeout=10)
         nursery.cancel_scope.cancel()
     return cache, blob, toc, service.status(bench.layer)["profile"]
 
