@@ -48,7 +48,7 @@ class _Load(Generic[T]):
     toc_digest: str
     blob_size: int
     done: trio.Event = field(default_factory=trio.Event)
-    toc: T | None = None
+    loaded: T | None = None  # what `load` made: the TOC, or the tree built from it
 
 
 class TocsAhead(TaskHost, Generic[T]):
@@ -89,7 +89,7 @@ class TocsAhead(TaskHost, Generic[T]):
             return None
         await load.done.wait()
         self._loads.pop(source.layer_digest, None)
-        return load.toc
+        return load.loaded
 
     async def _image(self, source: LayerSource, skip: Callable[[str], bool]) -> None:
         try:
@@ -121,7 +121,7 @@ class TocsAhead(TaskHost, Generic[T]):
     async def _one(self, source: LayerSource, load: _Load[T]) -> None:
         try:
             async with self._limiter:
-                load.toc = await self._load(source, load.blob_size)
+                load.loaded = await self._load(source, load.blob_size)
             log.debug("layer %s: toc loaded ahead", source.layer_digest)
         except LazysnapError as exc:
             log.info("layer %s: toc not loaded ahead (%s); Prepare fetches it",
