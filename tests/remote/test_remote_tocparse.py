@@ -46,7 +46,7 @@ async def _add(parser: TocParser, store: TocStore, layer, member=None, digest=No
                             max_entries=1000, build=build)  # fmt: skip
 
 
-def _in_daemon(layer, tmp_path: Path):  # type: ignore[no-untyped-def]
+def _reference(layer):  # type: ignore[no-untyped-def]
     """The reference: the member parsed right here."""
     blob, toc_offset, member, toc_digest = layer
     return parse_toc_member(member, toc_digest=toc_digest, blob_size=len(blob),
@@ -62,7 +62,7 @@ async def test_worker_parse_equals_the_in_daemon_parse_and_is_kept(
     assert parser._proc is not None
     assert parser.status() == {"worker_pid": parser._proc.pid, "parsed_in_worker": 1,
                                "parsed_in_daemon": 0}  # fmt: skip
-    expected = _in_daemon(layer, tmp_path)
+    expected = _reference(layer)
     assert list(toc.entries) == list(expected.entries)
     assert (toc.toc_offset, toc.blob_size) == (toc_offset, len(blob))
     assert [c for c in toc.chunks()] == [c for c in expected.chunks()]
@@ -93,7 +93,7 @@ async def test_the_tree_is_built_where_the_toc_is_parsed(
         nursery.cancel_scope.cancel()
     assert (p.parsed_in_worker, p.parsed_in_daemon) == ((1, 0) if worker else (0, 1))
     assert isinstance(tree, LayerTree)
-    expected = LayerTree.from_toc(_in_daemon(layer, tmp_path))
+    expected = LayerTree.from_toc(_reference(layer))
     assert list(tree.toc.entries) == list(expected.toc.entries)
     assert _walk(tree) == _walk(expected) and len(_walk(tree)) > 3
     assert tree.total_size == expected.total_size > 0
@@ -112,7 +112,7 @@ async def test_a_worker_that_cannot_preload_leaves_the_parse_to_the_daemon(
         toc = await _add(p, TocStore(tmp_path), layer)
         nursery.cancel_scope.cancel()
     assert (p.parsed_in_worker, p.parsed_in_daemon) == (0, 1)
-    assert list(toc.entries) == list(_in_daemon(layer, tmp_path).entries)
+    assert list(toc.entries) == list(_reference(layer).entries)
     assert "worker exited with 1" in caplog.text
 
 
@@ -135,7 +135,7 @@ async def test_without_a_worker_the_daemon_parses(layer, tmp_path: Path) -> None
     parser = TocParser()  # never run
     toc = await _add(parser, TocStore(tmp_path), layer)
     assert parser.status() == {"worker_pid": None, "parsed_in_worker": 0, "parsed_in_daemon": 1}
-    assert list(toc.entries) == list(_in_daemon(layer, tmp_path).entries)
+    assert list(toc.entries) == list(_reference(layer).entries)
 
 
 async def test_a_second_parse_while_the_worker_is_busy_waits_its_turn(
