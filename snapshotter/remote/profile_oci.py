@@ -10,6 +10,13 @@ carries its blob inline in the artifact's layer descriptor, and the fallback ind
 the artifact inline (OCI 1.1 descriptor `data`, up to `INLINE_BYTES` each): one GET finds
 it where the index is ours. Both are still stored for readers that ignore `data`, and an
 inline copy that does not match its descriptor is ignored in favour of a fetch.
+
+A profile pushed again (a nightly job, a new node pool) adds an artifact; the newest, by
+its `org.opencontainers.image.created` annotation, is the one used: a referrers listing
+comes in no particular order. The fallback index is rewritten by every push, so it keeps
+only the newest profile (and whatever other tools' referrers it lists): a listing that
+grew with each push would be downloaded whole on every first pull, and registries refuse
+manifests over 4 MiB.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import datetime
 import json
 import logging
 from typing import Any
@@ -45,6 +53,7 @@ _EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
 # Larger content is only referenced: registries cap manifests at 4 MiB, and every lookup
 # downloads what is inline.
 INLINE_BYTES = 256 << 10
+CREATED = "org.opencontainers.image.created"
 
 
 def fallback_tag(subject: Digest) -> str:
@@ -74,6 +83,7 @@ async def push_profile(client: RegistryClient, ref: Reference, raw: bytes) -> tu
         "layers": [_descriptor(PROFILE_MEDIA_TYPE, raw, blob)],
         "subject": {"mediaType": subject.media_type, "digest": str(subject.digest),
                     "size": len(subject.raw)},
+        "annotations": {CREATED: _now()},
     }
     manifest_raw = json.dumps(doc, separators=(",", ":")).encode()
     digest = Digest.of(manifest_raw)
@@ -87,15 +97,44 @@ async def push_profile(client: RegistryClient, ref: Reference, raw: bytes) -> tu
         found = await client.get_manifest_raw(tag_ref)
         if isinstance(found, Index):
             entries = [e for e in json.loads(found.raw).get("manifests", [])
-                       if e.get("digest") != str(digest)]
+                       if isinstance(e, dict) and e.get("artifactType") != PROFILE_MEDIA_TYPE]
     except NotFound:
         pass
     entries.append({**_descriptor(OCI_MANIFEST, manifest_raw, digest),
-                    "artifactType": PROFILE_MEDIA_TYPE})
+                    "artifactType": PROFILE_MEDIA_TYPE, "annotations": doc["annotations"]})
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
     await client.put_manifest(tag_ref, json.dumps(index, separators=(",", ":")).encode(),
                               OCI_INDEX)
     return digest, "tag"
+
+
+def _now() -> str:
+    """RFC 3339 in UTC to the microsecond: two pushes in one second still order."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _created(entry: dict[str, Any]) -> datetime.datetime | None:
+    """When the artifact says it was made; None when it does not say so usably."""
+    annotations = entry.get("annotations")
+    text = annotations.get(CREATED) if isinstance(annotations, dict) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None
+
+
+def _newest(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidate created last; those without a usable date rank below the others,
+    and among equals the later one listed wins (the fallback index appends)."""
+    def rank(k: int) -> tuple[bool, datetime.datetime, int]:
+        when = _created(candidates[k])
+        return when is not None, when or datetime.datetime.min.replace(tzinfo=datetime.UTC), k
+
+    return candidates[max(range(len(candidates)), key=rank)]
 
 
 def _descriptor(media_type: str, content: bytes, digest: Digest) -> dict[str, Any]:
@@ -179,9 +218,10 @@ async def find_profile(client: RegistryClient, ref: Reference, subject: Digest) 
                   if isinstance(e, dict) and e.get("artifactType") == PROFILE_MEDIA_TYPE]
     if not candidates:
         return None
-    artifact_digest = Digest.parse(str(candidates[-1].get("digest", "")))
+    chosen = _newest(candidates)
+    artifact_digest = Digest.parse(str(chosen.get("digest", "")))
     what = f"profile artifact {artifact_digest}"
-    inline = _inline(candidates[-1], artifact_digest, what)
+    inline = _inline(chosen, artifact_digest, what)
     if inline is not None:
         artifact = parse_manifest_or_index(inline, artifact_digest, OCI_MANIFEST)
     else:

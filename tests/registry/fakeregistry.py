@@ -242,6 +242,8 @@ class FakeRegistry:
             if doc.get("annotations"):
                 entry["annotations"] = doc["annotations"]
             found.append(entry)
+        # A registry lists referrers in no promised order (distribution: by digest).
+        found.sort(key=lambda e: e["digest"])
         index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
                  "manifests": found}
         return httpx.Response(200, json=index,

@@ -9,7 +9,7 @@ import pytest
 
 from snapshotter.digest import Digest
 from snapshotter.registry.client import RegistryClient
-from snapshotter.registry.manifest import OCI_MANIFEST
+from snapshotter.registry.manifest import OCI_INDEX, OCI_MANIFEST
 from snapshotter.registry.reference import Reference
 from snapshotter.registry.retry import RetryPolicy
 from snapshotter.remote.profile import (
@@ -20,7 +20,13 @@ from snapshotter.remote.profile import (
     decode_profile,
     encode_profile,
 )
-from snapshotter.remote.profile_oci import fallback_tag, find_profile, push_profile
+from snapshotter.remote.profile_oci import (
+    CREATED,
+    _newest,
+    fallback_tag,
+    find_profile,
+    push_profile,
+)
 from tests.registry.fakeregistry import FakeRegistry
 
 FAST_RETRY = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, total_time=5.0)
@@ -63,14 +69,46 @@ async def test_a_pushed_profile_is_found_again(registry) -> None:
     assert decode_profile(found, manifest=str(manifest)).files() == ["bin/app"]
 
 
-async def test_the_newest_of_two_pushes_wins(registry) -> None:
+async def test_the_newest_push_wins_in_whatever_order_the_registry_lists(registry) -> None:
     fake, client = registry
     manifest = _image(fake)
-    await push_profile(client, REF, _profile(manifest, "old"))
-    await push_profile(client, REF, _profile(manifest, "new"))
-    found = await find_profile(client, REF, manifest)
-    assert found is not None
-    assert decode_profile(found).files() == ["new"]
+    for k in range(6):  # the fake lists referrers by digest, as distribution does
+        await push_profile(client, REF, _profile(manifest, f"push-{k}"))
+        found = await find_profile(client, REF, manifest)
+        assert found is not None
+        assert decode_profile(found).files() == [f"push-{k}"]
+
+
+async def test_the_fallback_index_keeps_one_profile_and_other_referrers() -> None:
+    fake = FakeRegistry(referrers_api=False)
+    client = RegistryClient(hosts_dir=None, docker_config=Path("/nonexistent/none.json"),
+                            retry=FAST_RETRY, transport=fake.transport())
+    try:
+        manifest = _image(fake)
+        signature = {"mediaType": OCI_MANIFEST, "digest": str(Digest.of(b"sig")), "size": 3,
+                     "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json"}
+        fake.add_manifest("app", fallback_tag(manifest),
+                          {"schemaVersion": 2, "manifests": [signature]}, OCI_INDEX)
+        for k in range(3):
+            await push_profile(client, REF, _profile(manifest, f"push-{k}"))
+        raw, _ = fake.manifests[("app", fallback_tag(manifest))]
+        entries = json.loads(raw)["manifests"]
+        assert entries[0] == signature
+        assert [e["artifactType"] for e in entries[1:]] == [PROFILE_MEDIA_TYPE]
+        assert CREATED in entries[1]["annotations"]
+        found = await find_profile(client, REF, manifest)
+        assert found is not None and decode_profile(found).files() == ["push-2"]
+    finally:
+        await client.aclose()
+
+
+def test_an_artifact_without_a_usable_date_ranks_below_dated_ones() -> None:
+    dated = {"digest": "a", "annotations": {CREATED: "2026-01-01T00:00:00Z"}}
+    later_listed = [{"digest": "b"}, {"digest": "c", "annotations": {CREATED: "yesterday"}}]
+    assert _newest([dated, *later_listed])["digest"] == "a"
+    assert _newest(later_listed)["digest"] == "c"  # none dated: the last listed
+    newer = {"digest": "d", "annotations": {CREATED: "2026-01-01T01:00:00+02:00"}}
+    assert _newest([dated, newer])["digest"] == "a"  # 23:00 the day before, in UTC
 
 
 async def test_an_artifact_about_another_subject_is_refused(tmp_path: Path) -> None:
