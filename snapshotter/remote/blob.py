@@ -14,19 +14,20 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Literal
 
 import trio
 
 from snapshotter import metrics
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.digest import Digest
-from snapshotter.errors import DataLoss, InvalidArgument, LazysnapError, Unavailable, category
+from snapshotter.errors import DataLoss, InvalidArgument, LazysnapError, Unavailable
 from snapshotter.format.estargz import extract_chunk
 from snapshotter.format.toc import Chunk
+from snapshotter.remote import _ranges
+from snapshotter.remote._ranges import SharedRange
 
 __all__ = [
-    "COALESCE_LIMIT",
     "BlobStatistics",
     "ChunkFetchTimeout",
     "ChunkOutOfRange",
@@ -40,7 +41,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 FetchRange = Callable[[int, int], Awaitable[bytes]]
 """`await fetch_range(start, end)` -> bytes [start, end) of the blob (end exclusive)."""
@@ -48,12 +48,6 @@ FetchRange = Callable[[int, int], Awaitable[bytes]]
 FetchRanges = Callable[[Sequence[tuple[int, int]]], Awaitable[list[bytes]]]
 """`await fetch_ranges([(start, end), ...])` -> the bytes of each range, in one request."""
 
-COALESCE_LIMIT = 16 << 20  # one Range GET never asks for more than this (unless one chunk does)
-# Ranges that do not touch go in one multi-range request up to these bounds: the answer is
-# read whole before any of its chunks is served, so a request stays small (one round trip
-# on a 100 Mbit/s link with 20 ms is ~250 KB) and large ranges keep a request each.
-GROUP_BYTES = 1 << 20
-GROUP_RANGES = 64
 
 Purpose = Literal["demand", "prefetch", "background"]
 """Why a read happens: a reader is waiting, startup prefetch, or background completion."""
@@ -241,8 +235,9 @@ class RemoteBlob:
         """The verified bytes of each chunk, in order; missing neighbours share one request.
 
         Chunks whose compressed extents touch or overlap are fetched with a single range
-        request (up to COALESCE_LIMIT bytes). The whole call is bounded by `fetch_timeout`.
-        `purpose` only sorts the statistics and decides whether the read counts as demand.
+        request (up to `_ranges.COALESCE_LIMIT` bytes). The whole call is bounded by
+        `fetch_timeout`. `purpose` only sorts the statistics and decides whether the read
+        counts as demand.
 
         `along`: chunks that follow the last requested one in the blob (in blob order),
         worth taking in the same request because a reader that wants one file soon wants
@@ -260,10 +255,10 @@ class RemoteBlob:
         # Plan ranges only for chunks not already stored; in-flight ones are joined by
         # get_or_fetch without calling our fetch, so planning them costs nothing.
         missing = [c for t, c in unique.items() if digests[t] not in self.cache]
-        planned = _plan(missing, self, purpose)
+        planned = _ranges.plan(missing, self, purpose)
         extra = self._extend(planned[-1], along, unique) if planned and along else []
         if len(planned) > 1 and self._reader is not None and self._reader.usable():
-            _group(planned)
+            _ranges.group(planned)
         ranges = {c.digest: r for r in planned for c in r.chunks}
 
         results: dict[str, bytes] = {}
@@ -271,7 +266,7 @@ class RemoteBlob:
 
         async def take(chunk: Chunk) -> bytes:
             """The chunk through the cache, fetched from its planned range if missing."""
-            source = ranges.get(chunk.digest) or _SharedRange(
+            source = ranges.get(chunk.digest) or SharedRange(
                 self, chunk.offset, chunk.end, [chunk], purpose
             )
             fetched = False
@@ -332,14 +327,14 @@ class RemoteBlob:
     # -- internals ----------------------------------------------------------------------
 
     def _extend(
-        self, last: _SharedRange, along: Sequence[Chunk], taken: dict[str, Chunk]
+        self, last: SharedRange, along: Sequence[Chunk], taken: dict[str, Chunk]
     ) -> list[Chunk]:
         """Grow `last` over the chunks of `along` that follow it and nobody has yet."""
         extra: dict[str, Chunk] = {}
         for chunk in along:
             if chunk.end <= last.end or chunk.offset < last.end:
                 continue  # inside (or overlapping) the range already
-            if chunk.end - last.start > COALESCE_LIMIT or chunk.end > self.blob_size:
+            if chunk.end - last.start > _ranges.COALESCE_LIMIT or chunk.end > self.blob_size:
                 break
             if chunk.digest in taken or chunk.digest in extra:
                 break
@@ -359,13 +354,15 @@ class RemoteBlob:
                 f"{self._what(chunk)}: outside the blob of {self.blob_size} bytes"
             )
 
-    async def _fetch(self, start: int, end: int, purpose: Purpose) -> bytes:
+    async def fetch(self, start: int, end: int, purpose: Purpose) -> bytes:
+        """One counted request for [start, end) (`_ranges.SharedRange` calls it)."""
         async def one() -> list[bytes]:
             return [await self._fetch_range(start, end)]
 
         return (await self._request([(start, end)], purpose, one))[0]
 
-    async def _fetch_many(self, ranges: list[tuple[int, int]], purpose: Purpose) -> list[bytes]:
+    async def fetch_many(self, ranges: list[tuple[int, int]], purpose: Purpose) -> list[bytes]:
+        """One counted multi-range request (`_ranges.RangeGroup` calls it)."""
         assert self._reader is not None
         return await self._request(ranges, purpose, functools.partial(self._reader.many, ranges))
 
@@ -397,102 +394,6 @@ class RemoteBlob:
         return parts
 
 
-class _Once(Generic[T]):
-    """A fetch made on the first need and shared: later callers wait for its result, or
-    get its failure as its error category (Unavailable when it has none)."""
-
-    def __init__(self) -> None:
-        self._done: trio.Event | None = None
-        self._ok = False
-        self._result: T | None = None
-        self._error: BaseException | None = None
-
-    async def get(self, fetch: Callable[[], Awaitable[T]], failed: str) -> T:
-        if self._done is None:
-            self._done = trio.Event()
-            try:
-                self._result = await fetch()
-                self._ok = True
-            except BaseException as exc:
-                self._error = exc
-                raise
-            finally:
-                self._done.set()
-        else:
-            await self._done.wait()
-        if not self._ok:
-            cat = category(self._error) if self._error is not None else None
-            raise (cat or Unavailable)(f"{failed}: {self._error}") from self._error
-        return self._result  # type: ignore[return-value]
-
-
-class _SharedRange:
-    """One range request whose bytes feed several chunks; fetched once, on first need."""
-
-    def __init__(
-        self, blob: RemoteBlob, start: int, end: int, chunks: list[Chunk], purpose: Purpose
-    ) -> None:
-        self.blob = blob
-        self.purpose = purpose
-        self.start = start
-        self.end = end
-        self.chunks = chunks
-        self.group: _RangeGroup | None = None  # fetched with other ranges in one request
-        self._once: _Once[bytes] = _Once()
-
-    async def _fetch(self) -> bytes:
-        if self.group is not None:
-            return await self.group.get(self)
-        return await self.blob._fetch(self.start, self.end, self.purpose)
-
-    async def member(self, chunk: Chunk) -> bytes:
-        """The compressed bytes of `chunk`; the cache inflates them (`_extract`) in the
-        worker thread that verifies them, off the trio thread that serves FUSE."""
-        failed = f"{self.blob.name}: range [{self.start}, {self.end}) failed"
-        data = await self._once.get(self._fetch, failed)
-        return data[chunk.offset - self.start : chunk.end - self.start]
-
-
-class _RangeGroup:
-    """Ranges of one read fetched with one multi-range request, on the first need of any."""
-
-    def __init__(self, members: list[_SharedRange]) -> None:
-        self.members = members
-        self._once: _Once[list[bytes]] = _Once()
-
-    async def get(self, member: _SharedRange) -> bytes:
-        first = self.members[0]
-        ranges = [(r.start, r.end) for r in self.members]
-        failed = f"{member.blob.name}: ranges with [{member.start}, {member.end}) failed"
-        parts = await self._once.get(
-            functools.partial(first.blob._fetch_many, ranges, first.purpose), failed
-        )
-        return parts[self.members.index(member)]
-
-
-def _group(ranges: list[_SharedRange]) -> None:
-    """Put small ranges (in blob order) together, a group per request; a range of
-    GROUP_BYTES or more goes alone and ends the group before it."""
-    groups: list[list[_SharedRange]] = [[]]
-    size = 0
-    for r in ranges:
-        n = r.end - r.start
-        if n >= GROUP_BYTES:
-            groups.append([])
-            size = 0
-            continue
-        if size + n > GROUP_BYTES or len(groups[-1]) >= GROUP_RANGES:
-            groups.append([])
-            size = 0
-        groups[-1].append(r)
-        size += n
-    for group in groups:
-        if len(group) > 1:
-            shared = _RangeGroup(group)
-            for member in group:
-                member.group = shared
-
-
 def _extract(member: bytes, *, chunk: Chunk, name: str) -> bytes:
     try:
         return extract_chunk(member, chunk)
@@ -503,23 +404,6 @@ def _extract(member: bytes, *, chunk: Chunk, name: str) -> bytes:
         raise DataLoss(
             f"{name}: chunk {chunk.digest} at [{chunk.offset}, {chunk.end}): {exc}"
         ) from exc
-
-
-def _plan(chunks: list[Chunk], blob: RemoteBlob, purpose: Purpose) -> list[_SharedRange]:
-    """Group chunks into as few ranges as possible: touching extents merge."""
-    ranges: list[_SharedRange] = []
-    for chunk in sorted(chunks, key=lambda c: (c.offset, c.end)):
-        last = ranges[-1] if ranges else None
-        if (
-            last is not None
-            and chunk.offset <= last.end
-            and max(last.end, chunk.end) - last.start <= COALESCE_LIMIT
-        ):
-            last.end = max(last.end, chunk.end)
-            last.chunks.append(chunk)
-        else:
-            ranges.append(_SharedRange(blob, chunk.offset, chunk.end, [chunk], purpose))
-    return ranges
 
 
 def _parse_digest(text: str, name: str) -> Digest:

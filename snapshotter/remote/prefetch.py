@@ -14,7 +14,7 @@ import trio
 from snapshotter.digest import Digest
 from snapshotter.errors import LazysnapError
 from snapshotter.format.toc import Chunk, Toc
-from snapshotter.remote import blob as _blob
+from snapshotter.remote import _ranges
 from snapshotter.remote.blob import DemandGauge, RemoteBlob
 
 __all__ = [
@@ -127,7 +127,7 @@ async def prefetch_steps(
 
     async with trio.open_nursery() as nursery:
         for blob, chunks in steps:
-            for batch in _batches(tuple(chunks), _blob.COALESCE_LIMIT):
+            for batch in _batches(tuple(chunks), _ranges.COALESCE_LIMIT):
                 nursery.start_soon(run, blob, batch)
                 # Yield so batches queue on the limiter in order.
                 await trio.lowlevel.checkpoint()

@@ -21,6 +21,7 @@ from snapshotter.cache.chunks import ChunkCache
 from snapshotter.digest import Digest
 from snapshotter.errors import DataLoss, InvalidArgument, Unavailable
 from snapshotter.format.toc import Chunk
+from snapshotter.remote import _ranges
 from snapshotter.remote import blob as blob_module
 from snapshotter.remote.blob import ChunkFetchTimeout, ChunkOutOfRange, RemoteBlob, ShortRead
 
@@ -204,7 +205,7 @@ async def test_read_chunks_skips_cached_ones_and_duplicates(cache, fake_source) 
 async def test_read_chunks_respects_the_coalesce_limit(cache, fake_source, monkeypatch) -> None:
     pieces = _pieces(4)
     data, chunks = _layout([[p] for p in pieces])
-    monkeypatch.setattr(blob_module, "COALESCE_LIMIT", 2 * (chunks[0].end - chunks[0].offset))
+    monkeypatch.setattr(_ranges, "COALESCE_LIMIT", 2 * (chunks[0].end - chunks[0].offset))
     source = fake_source(data)
     assert await _blob(source, cache).read_chunks(chunks) == pieces
     assert len(source.calls) == 2
@@ -367,7 +368,7 @@ async def test_multi_range_groups_stay_small_and_off_when_unusable(
     data, chunks = _layout([[p] for p in pieces])
     source = fake_source(data)
     many = _Many(source)
-    monkeypatch.setattr(blob_module, "GROUP_RANGES", 2)
+    monkeypatch.setattr(_ranges, "GROUP_RANGES", 2)
     blob = _reader_blob(source, many, lambda: True, cache)
     await blob.read_chunks([chunks[i] for i in (0, 2, 4, 6, 8)])
     assert [len(c) for c in many.calls] == [2, 2]  # and the last range alone

@@ -13,7 +13,7 @@ from remote_fakes import layout, pieces
 from snapshotter.cache.chunks import ChunkCache
 from snapshotter.errors import Unavailable
 from snapshotter.format.toc import Chunk, Entry, Toc
-from snapshotter.remote import blob as blob_module
+from snapshotter.remote import _ranges
 from snapshotter.remote.blob import DemandGauge, RemoteBlob
 from snapshotter.remote.prefetch import (
     PrefetchPlan,
@@ -77,7 +77,7 @@ async def test_prefetch_fetches_the_plan_in_one_request(six, cache, fake_source)
 
 async def test_prefetch_splits_large_plans(six, cache, fake_source, monkeypatch) -> None:
     data, chunks, toc = six
-    monkeypatch.setattr(blob_module, "COALESCE_LIMIT", 2 * (chunks[0].end - chunks[0].offset))
+    monkeypatch.setattr(_ranges, "COALESCE_LIMIT", 2 * (chunks[0].end - chunks[0].offset))
     source = fake_source(data)
     result = await prefetch(
         RemoteBlob(source, cache, blob_size=len(data)), plan_prefetch(toc, size=1 << 30)
