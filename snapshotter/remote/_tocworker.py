@@ -48,9 +48,9 @@ def answer(
     staged: str, result: str, kwargs: dict[str, object], build: Callable[[Toc], object] | None
 ) -> bytes:
     try:
-        toc = parse_staged(Path(staged), **kwargs)  # type: ignore[arg-type]
+        made = parse_staged(Path(staged), build=build, **kwargs)  # type: ignore[arg-type]
         with open(result, "wb") as f:
-            pickle.dump(toc if build is None else build(toc), f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(made, f, protocol=pickle.HIGHEST_PROTOCOL)
         reply: tuple[str, object] = ("ok", None)
     except Exception as exc:
         reply = ("error", exc)

@@ -154,20 +154,17 @@ async def load_toc(
             max_size=max_toc_size, max_entries=max_entries, what=what, build=build,
         )  # fmt: skip
 
-    def decode() -> Toc:
+    def decode() -> Any:
         # Here the daemon pays the parse's peak (the JSON and the decoded entries, ~1.3 KB
         # an entry, for a moment): what the TOC worker spares it.
-        return parse_toc_member(
+        toc = parse_toc_member(
             held.pop(), toc_digest=toc_digest, blob_size=blob_size, toc_offset=toc_offset,
             max_size=max_toc_size, max_entries=max_entries, what=what,
         )  # fmt: skip
-
-    def decode_and_build() -> Any:
-        toc = decode()
         return toc if build is None else build(toc)
 
     # Inflating, hashing and parsing a large TOC takes long enough to stall FUSE.
-    return await trio.to_thread.run_sync(decode_and_build)
+    return await trio.to_thread.run_sync(decode)
 
 
 async def open_layer(

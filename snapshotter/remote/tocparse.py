@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -159,12 +160,7 @@ class TocParser:
         self, staged: Path, kwargs: dict[str, Any], build: Callable[[Toc], Any] | None
     ) -> Any:
         self.parsed_in_daemon += 1
-
-        def parse() -> Any:
-            toc = parse_staged(staged, **kwargs)
-            return toc if build is None else build(toc)
-
-        return await trio.to_thread.run_sync(parse)
+        return await trio.to_thread.run_sync(partial(parse_staged, staged, build=build, **kwargs))
 
     def status(self) -> dict[str, Any]:
         """For `lazysnap status`: is the worker up, and where did the parses run."""

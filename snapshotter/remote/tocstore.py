@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,11 +31,15 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _STALE_TMP = 3600.0  # seconds: no add takes that long
 
 
-def parse_staged(path: Path, **kwargs: Any) -> Toc:
-    """`parse_toc_member` of a member staged by `TocStore.stage` (after its offset line)."""
+def parse_staged(
+    path: Path, *, build: Callable[[Toc], Any] | None = None, **kwargs: Any
+) -> Any:
+    """`parse_toc_member` of a member staged by `TocStore.stage` (after its offset line);
+    `build(toc)` instead of the `Toc` when `build` is given (`TocParser.add`'s)."""
     with open(path, "rb") as f:
         f.readline()
-        return parse_toc_member(f, **kwargs)
+        toc = parse_toc_member(f, **kwargs)
+    return toc if build is None else build(toc)
 
 
 class TocStore:
